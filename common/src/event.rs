@@ -1,0 +1,101 @@
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::{ArtifactName, Name, Sha256Digest};
+
+/// Something that happened, in the order the store accepted it. `seq` is assigned by the
+/// store and only grows, so a client can resume with `?after=SEQ`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Event {
+    pub seq: u64,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+    /// The datacenter it concerns, if any; events are filtered by datacenter and its tags.
+    pub datacenter: Option<Name>,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// An event before the store numbered it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    pub datacenter: Option<Name>,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+impl NewEvent {
+    pub fn new(datacenter: Option<Name>, body: EventBody) -> Self {
+        Self { at: OffsetDateTime::now_utc(), datacenter, body }
+    }
+
+    pub fn numbered(self, seq: u64) -> Event {
+        Event { seq, at: self.at, datacenter: self.datacenter, body: self.body }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    DatacenterCreated { name: Name },
+    DatacenterDeleted { name: Name },
+    HostRegistered { host_id: Uuid },
+    HostDeleted { host_id: Uuid },
+    SshKeyAdded { name: Name, fingerprint: String },
+    SshKeyDeleted { name: Name },
+    ArtifactStored { name: ArtifactName, digest: Sha256Digest, size: u64 },
+    ArtifactDeleted { name: ArtifactName },
+    JobQueued { job_id: Uuid, selector: String },
+    JobStarted { job_id: Uuid, worker: String, attempt: u32 },
+    JobSucceeded { job_id: Uuid, worker: String },
+    JobFailed { job_id: Uuid, worker: String, error: String, will_retry: bool },
+    JobDeadLettered { job_id: Uuid, reason: String },
+    WorkerStarted { worker: String },
+}
+
+impl EventBody {
+    /// The `type` tag as it appears in JSON.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            EventBody::DatacenterCreated { .. } => "datacenter_created",
+            EventBody::DatacenterDeleted { .. } => "datacenter_deleted",
+            EventBody::HostRegistered { .. } => "host_registered",
+            EventBody::HostDeleted { .. } => "host_deleted",
+            EventBody::SshKeyAdded { .. } => "ssh_key_added",
+            EventBody::SshKeyDeleted { .. } => "ssh_key_deleted",
+            EventBody::ArtifactStored { .. } => "artifact_stored",
+            EventBody::ArtifactDeleted { .. } => "artifact_deleted",
+            EventBody::JobQueued { .. } => "job_queued",
+            EventBody::JobStarted { .. } => "job_started",
+            EventBody::JobSucceeded { .. } => "job_succeeded",
+            EventBody::JobFailed { .. } => "job_failed",
+            EventBody::JobDeadLettered { .. } => "job_dead_lettered",
+            EventBody::WorkerStarted { .. } => "worker_started",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_with_a_flat_type_tag() {
+        let ev = NewEvent::new(
+            Some("home".parse().unwrap()),
+            EventBody::JobDeadLettered { job_id: Uuid::nil(), reason: "3 deliveries".into() },
+        )
+        .numbered(7);
+        let json = serde_json::to_value(&ev).unwrap();
+        assert_eq!(json["type"], "job_dead_lettered");
+        assert_eq!(json["seq"], 7);
+        assert_eq!(ev.body.type_name(), "job_dead_lettered");
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back, ev);
+    }
+}
