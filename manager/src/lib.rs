@@ -1,1 +1,7 @@
-//! wip
+//! The `ctpf` binary's library: the manager API, the CLI and the wiring of `ctpf up`,
+//! `ctpf manager` and `ctpf worker`. `main.rs` only parses arguments and calls [`cli::run`].
+
+pub mod api;
+pub mod cli;
+pub mod client;
+pub mod server;

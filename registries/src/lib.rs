@@ -1,1 +1,471 @@
-//! wip
+//! Registries: what ctpf knows. Datacenters with their tags, hosts, SSH keys, artifact names,
+//! jobs, API tokens and the event log, kept in a [`StateStore`] as JSON records.
+//!
+//! Every change is one atomic commit that also appends its event, so the event log never
+//! claims something the records do not show. Jobs are recorded here first and then put on
+//! the [`Bus`]; workers' reports come back through [`Registry::apply_report`].
+
+use std::sync::Arc;
+
+use ctpf_bus::{Bus, BusError, JobEnvelope};
+use ctpf_common::{
+    Artifact, Datacenter, Event, EventBody, Host, HostState, Job, JobStatus, Name, NewDatacenter,
+    NewEvent, NewHost, NewJob, NewSshKey, OffsetDateTime, ParseError, SshKey, Tag, Tags, Uuid,
+};
+use ctpf_store::state::{Commit, Precondition, Record, StateError, StateStore, Table, Write};
+use serde::{Serialize, de::DeserializeOwned};
+
+mod tokens;
+
+pub use tokens::generate_token;
+
+pub use tokens::{TokenRecord, TokenRole};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{kind} {id} already exists")]
+    AlreadyExists { kind: &'static str, id: String },
+    #[error(transparent)]
+    Invalid(#[from] ParseError),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("corrupt {table} record {key}: {reason}")]
+    Corrupt { table: Table, key: String, reason: String },
+}
+
+/// Which records a list returns: all the given tags must match, and the datacenter if given.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub tags: Vec<Tag>,
+    pub datacenter: Option<Name>,
+}
+
+impl Filter {
+    fn matches(&self, datacenter: Option<&Name>, own: &Tags, dcs: &[Datacenter]) -> bool {
+        if self.datacenter.is_some() && self.datacenter.as_ref() != datacenter {
+            return false;
+        }
+        // A resource carries its own tags plus those of its datacenter.
+        let dc_tags = datacenter.and_then(|n| dcs.iter().find(|d| &d.name == n)).map(|d| &d.tags);
+        self.tags.iter().all(|t| own.contains(t) || dc_tags.is_some_and(|d| d.contains(t)))
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Registry {
+    state: Arc<dyn StateStore>,
+    bus: Arc<dyn Bus>,
+}
+
+fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, RegistryError> {
+    serde_json::to_vec(value).map_err(|e| RegistryError::Refused(format!("cannot encode: {e}")))
+}
+
+fn decode<T: DeserializeOwned>(
+    table: Table,
+    key: &str,
+    record: &Record,
+) -> Result<T, RegistryError> {
+    serde_json::from_slice(&record.value).map_err(|e| RegistryError::Corrupt {
+        table,
+        key: key.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+impl Registry {
+    pub fn new(state: Arc<dyn StateStore>, bus: Arc<dyn Bus>) -> Self {
+        Self { state, bus }
+    }
+
+    pub fn state(&self) -> &Arc<dyn StateStore> {
+        &self.state
+    }
+
+    pub fn bus(&self) -> &Arc<dyn Bus> {
+        &self.bus
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        table: Table,
+        key: &str,
+    ) -> Result<Option<(T, u64)>, RegistryError> {
+        match self.state.get(table, key).await? {
+            Some(rec) => Ok(Some((decode(table, key, &rec)?, rec.version))),
+            None => Ok(None),
+        }
+    }
+
+    async fn all<T: DeserializeOwned>(&self, table: Table) -> Result<Vec<T>, RegistryError> {
+        self.state.list(table).await?.iter().map(|(k, rec)| decode(table, k, rec)).collect()
+    }
+
+    /// Creates a record, refusing if the key is taken.
+    async fn create<T: Serialize>(
+        &self,
+        table: Table,
+        kind: &'static str,
+        key: &str,
+        value: &T,
+        event: NewEvent,
+    ) -> Result<(), RegistryError> {
+        let commit = Commit::new()
+            .write(Write::put(table, key, encode(value)?, Precondition::Absent))
+            .event(event);
+        match self.state.commit(commit).await {
+            Ok(_) => Ok(()),
+            Err(StateError::Conflict { .. }) => {
+                Err(RegistryError::AlreadyExists { kind, id: key.to_owned() })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn remove(
+        &self,
+        table: Table,
+        kind: &'static str,
+        key: &str,
+        event: NewEvent,
+    ) -> Result<(), RegistryError> {
+        let commit = Commit::new().write(Write::delete(table, key, Precondition::Any)).event(event);
+        let done = self.state.commit(commit).await?;
+        if done.previous.first().copied().flatten().is_none() {
+            return Err(RegistryError::NotFound { kind, id: key.to_owned() });
+        }
+        Ok(())
+    }
+
+    // ---- datacenters ----
+
+    pub async fn create_datacenter(&self, new: NewDatacenter) -> Result<Datacenter, RegistryError> {
+        let dc = Datacenter::new(new, now());
+        let event = NewEvent::new(
+            Some(dc.name.clone()),
+            EventBody::DatacenterCreated { name: dc.name.clone() },
+        );
+        self.create(Table::Datacenters, "datacenter", dc.name.as_str(), &dc, event).await?;
+        Ok(dc)
+    }
+
+    pub async fn datacenter(&self, name: &Name) -> Result<Datacenter, RegistryError> {
+        self.get(Table::Datacenters, name.as_str())
+            .await?
+            .map(|(d, _)| d)
+            .ok_or_else(|| RegistryError::NotFound { kind: "datacenter", id: name.to_string() })
+    }
+
+    pub async fn datacenters(&self, filter: &Filter) -> Result<Vec<Datacenter>, RegistryError> {
+        let all: Vec<Datacenter> = self.all(Table::Datacenters).await?;
+        Ok(all.iter().filter(|d| filter.matches(Some(&d.name), &d.tags, &[])).cloned().collect())
+    }
+
+    /// Deletes a datacenter. Refused while hosts still belong to it, unless `force`, which
+    /// deletes them too.
+    pub async fn delete_datacenter(&self, name: &Name, force: bool) -> Result<(), RegistryError> {
+        let hosts: Vec<Host> = self
+            .all::<Host>(Table::Hosts)
+            .await?
+            .into_iter()
+            .filter(|h| &h.datacenter == name)
+            .collect();
+        if !hosts.is_empty() && !force {
+            return Err(RegistryError::Refused(format!(
+                "datacenter {name} still has {} host(s); delete them first or pass force=true",
+                hosts.len()
+            )));
+        }
+        let mut commit = Commit::new();
+        for host in &hosts {
+            commit = commit
+                .write(Write::delete(Table::Hosts, host.id.to_string(), Precondition::Any))
+                .event(NewEvent::new(
+                    Some(name.clone()),
+                    EventBody::HostDeleted { host_id: host.id },
+                ));
+        }
+        let commit = commit
+            .write(Write::delete(Table::Datacenters, name.as_str(), Precondition::Any))
+            .event(NewEvent::new(
+                Some(name.clone()),
+                EventBody::DatacenterDeleted { name: name.clone() },
+            ));
+        let done = self.state.commit(commit).await?;
+        if done.previous.last().copied().flatten().is_none() {
+            return Err(RegistryError::NotFound { kind: "datacenter", id: name.to_string() });
+        }
+        Ok(())
+    }
+
+    // ---- hosts ----
+
+    pub async fn create_host(&self, new: NewHost) -> Result<Host, RegistryError> {
+        new.validate()?;
+        self.datacenter(&new.datacenter).await?;
+        // One identity per machine: no MAC or SMBIOS UUID may belong to two hosts.
+        for other in self.all::<Host>(Table::Hosts).await? {
+            if let Some(mac) = new.macs.iter().find(|m| other.macs.contains(m)) {
+                return Err(RegistryError::AlreadyExists {
+                    kind: "host with MAC",
+                    id: mac.to_string(),
+                });
+            }
+            if new.smbios_uuid.is_some() && new.smbios_uuid == other.smbios_uuid {
+                return Err(RegistryError::AlreadyExists {
+                    kind: "host with SMBIOS UUID",
+                    id: other.smbios_uuid.map(|u| u.to_string()).unwrap_or_default(),
+                });
+            }
+        }
+        let host = Host::new(Uuid::now_v7(), new, HostState::Discovered, now());
+        let event = NewEvent::new(
+            Some(host.datacenter.clone()),
+            EventBody::HostRegistered { host_id: host.id },
+        );
+        self.create(Table::Hosts, "host", &host.id.to_string(), &host, event).await?;
+        Ok(host)
+    }
+
+    pub async fn host(&self, id: Uuid) -> Result<Host, RegistryError> {
+        self.get(Table::Hosts, &id.to_string())
+            .await?
+            .map(|(h, _)| h)
+            .ok_or_else(|| RegistryError::NotFound { kind: "host", id: id.to_string() })
+    }
+
+    pub async fn hosts(&self, filter: &Filter) -> Result<Vec<Host>, RegistryError> {
+        let dcs: Vec<Datacenter> = self.all(Table::Datacenters).await?;
+        let hosts: Vec<Host> = self.all(Table::Hosts).await?;
+        Ok(hosts
+            .into_iter()
+            .filter(|h| filter.matches(Some(&h.datacenter), &h.labels, &dcs))
+            .collect())
+    }
+
+    pub async fn delete_host(&self, id: Uuid) -> Result<(), RegistryError> {
+        let host = self.host(id).await?;
+        let event = NewEvent::new(Some(host.datacenter), EventBody::HostDeleted { host_id: id });
+        self.remove(Table::Hosts, "host", &id.to_string(), event).await
+    }
+
+    // ---- SSH keys ----
+
+    pub async fn add_key(&self, new: NewSshKey) -> Result<SshKey, RegistryError> {
+        if let Some(dc) = &new.datacenter {
+            self.datacenter(dc).await?;
+        }
+        let key = SshKey::new(new, now());
+        let event = NewEvent::new(
+            key.datacenter.clone(),
+            EventBody::SshKeyAdded { name: key.name.clone(), fingerprint: key.fingerprint.clone() },
+        );
+        self.create(Table::SshKeys, "SSH key", key.name.as_str(), &key, event).await?;
+        Ok(key)
+    }
+
+    pub async fn key(&self, name: &Name) -> Result<SshKey, RegistryError> {
+        self.get(Table::SshKeys, name.as_str())
+            .await?
+            .map(|(k, _)| k)
+            .ok_or_else(|| RegistryError::NotFound { kind: "SSH key", id: name.to_string() })
+    }
+
+    pub async fn keys(&self, filter: &Filter) -> Result<Vec<SshKey>, RegistryError> {
+        let dcs: Vec<Datacenter> = self.all(Table::Datacenters).await?;
+        let keys: Vec<SshKey> = self.all(Table::SshKeys).await?;
+        Ok(keys
+            .into_iter()
+            .filter(|k| filter.matches(k.datacenter.as_ref(), &k.tags, &dcs))
+            .collect())
+    }
+
+    pub async fn delete_key(&self, name: &Name) -> Result<(), RegistryError> {
+        let key = self.key(name).await?;
+        let event = NewEvent::new(key.datacenter, EventBody::SshKeyDeleted { name: name.clone() });
+        self.remove(Table::SshKeys, "SSH key", name.as_str(), event).await
+    }
+
+    // ---- artifacts (names; the bytes live in the artifact store) ----
+
+    /// Points `artifact.name` at its (already stored) content, replacing an older version.
+    pub async fn record_artifact(&self, artifact: &Artifact) -> Result<(), RegistryError> {
+        let event = NewEvent::new(
+            None,
+            EventBody::ArtifactStored {
+                name: artifact.name.clone(),
+                digest: artifact.digest,
+                size: artifact.size,
+            },
+        );
+        let commit = Commit::new()
+            .write(Write::put(
+                Table::Artifacts,
+                artifact.name.as_str(),
+                encode(artifact)?,
+                Precondition::Any,
+            ))
+            .event(event);
+        self.state.commit(commit).await?;
+        Ok(())
+    }
+
+    pub async fn artifact(&self, name: &str) -> Result<Artifact, RegistryError> {
+        self.get(Table::Artifacts, name)
+            .await?
+            .map(|(a, _)| a)
+            .ok_or_else(|| RegistryError::NotFound { kind: "artifact", id: name.to_owned() })
+    }
+
+    pub async fn artifacts(&self, filter: &Filter) -> Result<Vec<Artifact>, RegistryError> {
+        let all: Vec<Artifact> = self.all(Table::Artifacts).await?;
+        Ok(all.into_iter().filter(|a| filter.matches(None, &a.tags, &[])).collect())
+    }
+
+    pub async fn delete_artifact(
+        &self,
+        name: &ctpf_common::ArtifactName,
+    ) -> Result<(), RegistryError> {
+        let event = NewEvent::new(None, EventBody::ArtifactDeleted { name: name.clone() });
+        self.remove(Table::Artifacts, "artifact", name.as_str(), event).await
+    }
+
+    // ---- jobs ----
+
+    /// Records a job, then puts it on the bus. If the bus is down the job stays recorded as
+    /// queued and is re-sent by [`Registry::requeue_unfinished_jobs`].
+    pub async fn submit_job(&self, new: NewJob) -> Result<Job, RegistryError> {
+        let job = Job::new(Uuid::now_v7(), new, now());
+        let datacenter = selector_datacenter(&job);
+        let event = NewEvent::new(
+            datacenter,
+            EventBody::JobQueued { job_id: job.id, selector: job.selector.to_string() },
+        );
+        self.create(Table::Jobs, "job", &job.id.to_string(), &job, event).await?;
+        self.bus.enqueue_job(&envelope(&job)).await?;
+        Ok(job)
+    }
+
+    pub async fn job(&self, id: Uuid) -> Result<Job, RegistryError> {
+        self.get(Table::Jobs, &id.to_string())
+            .await?
+            .map(|(j, _)| j)
+            .ok_or_else(|| RegistryError::NotFound { kind: "job", id: id.to_string() })
+    }
+
+    pub async fn jobs(&self, filter: &Filter) -> Result<Vec<Job>, RegistryError> {
+        let dcs: Vec<Datacenter> = self.all(Table::Datacenters).await?;
+        let jobs: Vec<Job> = self.all(Table::Jobs).await?;
+        Ok(jobs
+            .into_iter()
+            .filter(|j| {
+                let sel: Tags = j.selector.tags().iter().cloned().collect();
+                filter.matches(selector_datacenter(j).as_ref(), &sel, &dcs)
+            })
+            .collect())
+    }
+
+    /// For a bus that forgets on restart (in-process): puts every unfinished job back on it.
+    pub async fn requeue_unfinished_jobs(&self) -> Result<usize, RegistryError> {
+        let mut n = 0;
+        for job in self.all::<Job>(Table::Jobs).await? {
+            if !job.status.is_final() {
+                self.bus.enqueue_job(&envelope(&job)).await?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Applies a worker's report: updates the job it concerns and appends the event. Reports
+    /// arrive at least once and possibly late, so a finished job never changes again.
+    pub async fn apply_report(&self, report: NewEvent) -> Result<Option<Event>, RegistryError> {
+        let (job_id, status, worker, error, attempt) = match &report.body {
+            EventBody::JobStarted { job_id, worker, attempt } => {
+                (*job_id, JobStatus::Running, Some(worker.clone()), None, Some(*attempt))
+            }
+            EventBody::JobSucceeded { job_id, worker } => {
+                (*job_id, JobStatus::Succeeded, Some(worker.clone()), None, None)
+            }
+            EventBody::JobFailed { job_id, worker, error, will_retry } => {
+                let status = if *will_retry { JobStatus::Queued } else { JobStatus::Failed };
+                (*job_id, status, Some(worker.clone()), Some(error.clone()), None)
+            }
+            EventBody::JobDeadLettered { job_id, reason } => {
+                (*job_id, JobStatus::DeadLettered, None, Some(reason.clone()), None)
+            }
+            _ => {
+                let done = self.state.commit(Commit::new().event(report)).await?;
+                return Ok(done.events.into_iter().next());
+            }
+        };
+        loop {
+            let key = job_id.to_string();
+            let Some((mut job, version)) = self.get::<Job>(Table::Jobs, &key).await? else {
+                tracing::warn!(%job_id, "report for an unknown job dropped");
+                return Ok(None);
+            };
+            if job.status.is_final() {
+                return Ok(None);
+            }
+            job.status = status;
+            if let Some(w) = &worker {
+                job.worker = Some(w.clone());
+            }
+            if let Some(a) = attempt {
+                job.attempts = job.attempts.max(a);
+            }
+            if error.is_some() {
+                job.error = error.clone();
+            }
+            job.updated_at = now();
+            let commit = Commit::new()
+                .write(Write::put(Table::Jobs, &key, encode(&job)?, Precondition::Version(version)))
+                .event(report.clone());
+            match self.state.commit(commit).await {
+                Ok(done) => return Ok(done.events.into_iter().next()),
+                Err(StateError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    // ---- events ----
+
+    pub async fn events(
+        &self,
+        after: u64,
+        limit: usize,
+        filter: &Filter,
+    ) -> Result<Vec<Event>, RegistryError> {
+        let dcs: Vec<Datacenter> =
+            if filter.tags.is_empty() { Vec::new() } else { self.all(Table::Datacenters).await? };
+        let events = self.state.events_after(after, limit).await?;
+        Ok(events
+            .into_iter()
+            .filter(|e| filter.matches(e.datacenter.as_ref(), &Tags::new(), &dcs))
+            .collect())
+    }
+}
+
+fn envelope(job: &Job) -> JobEnvelope {
+    JobEnvelope { job_id: job.id, spec: job.spec.clone(), selector: job.selector.clone() }
+}
+
+fn selector_datacenter(job: &Job) -> Option<Name> {
+    job.selector
+        .tags()
+        .iter()
+        .find(|t| t.key() == "datacenter")
+        .and_then(|t| t.value().parse().ok())
+}

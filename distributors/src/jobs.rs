@@ -1,0 +1,138 @@
+//! The worker's job loop: take a job the bus routes to this worker, run it while renewing its
+//! lease, report how it went, acknowledge it. A worker that dies mid-job simply stops renewing;
+//! the bus hands the job to another matching worker when the lease runs out.
+
+use std::{sync::Arc, time::Duration};
+
+use ctpf_bus::{Bus, BusError, Delivery};
+use ctpf_common::{EventBody, JobSpec, Name, NewEvent, WorkerIdentity};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub identity: WorkerIdentity,
+    /// The bus's lease; the worker renews at a third of it.
+    pub lease: Duration,
+    /// How long one `next_job` call waits before checking for shutdown again.
+    pub poll: Duration,
+}
+
+/// Why a job failed, and whether another attempt could succeed.
+#[derive(Debug)]
+struct JobFailure {
+    message: String,
+    retryable: bool,
+}
+
+/// Runs jobs until `shutdown` is cancelled. A job already running when shutdown comes is
+/// finished first (its lease is kept alive meanwhile).
+pub async fn run(config: WorkerConfig, bus: Arc<dyn Bus>, shutdown: CancellationToken) {
+    let worker = &config.identity;
+    tracing::info!(worker = %worker.id, datacenter = %worker.datacenter, tags = %worker.tags, "worker taking jobs");
+    let started = NewEvent::new(
+        Some(worker.datacenter.clone()),
+        EventBody::WorkerStarted { worker: worker.id.clone() },
+    );
+    report(&*bus, &started).await;
+    while !shutdown.is_cancelled() {
+        let delivery = tokio::select! {
+            next = bus.next_job(worker, config.poll) => next,
+            () = shutdown.cancelled() => break,
+        };
+        match delivery {
+            Ok(Some(delivery)) => run_one(&config, &*bus, delivery).await,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot reach the bus; retrying in 1 s");
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        }
+    }
+    tracing::info!(worker = %worker.id, "worker stopped");
+}
+
+async fn run_one(config: &WorkerConfig, bus: &dyn Bus, delivery: Delivery) {
+    let worker = &config.identity;
+    let job_id = delivery.job.job_id;
+    let datacenter: Option<Name> = Some(worker.datacenter.clone());
+    tracing::info!(%job_id, kind = delivery.job.spec.kind(), attempt = delivery.attempt, "job started");
+    report(
+        bus,
+        &NewEvent::new(
+            datacenter.clone(),
+            EventBody::JobStarted { job_id, worker: worker.id.clone(), attempt: delivery.attempt },
+        ),
+    )
+    .await;
+
+    let outcome = {
+        let work = execute(&delivery.job.spec);
+        tokio::pin!(work);
+        let mut renew = tokio::time::interval(config.lease / 3);
+        renew.tick().await;
+        loop {
+            tokio::select! {
+                outcome = &mut work => break outcome,
+                _ = renew.tick() => {
+                    if let Err(e) = bus.extend_job(&delivery).await {
+                        tracing::warn!(%job_id, error = %e, "could not renew the job's lease");
+                    }
+                }
+            }
+        }
+    };
+
+    let body = match &outcome {
+        Ok(()) => EventBody::JobSucceeded { job_id, worker: worker.id.clone() },
+        Err(f) => EventBody::JobFailed {
+            job_id,
+            worker: worker.id.clone(),
+            error: f.message.clone(),
+            will_retry: f.retryable,
+        },
+    };
+    // Report before acknowledging: if we die in between, the job is redelivered and reported
+    // again (at least once), never finished without a report.
+    report(bus, &NewEvent::new(datacenter, body)).await;
+    let settled = match outcome {
+        Err(f) if f.retryable => bus.retry_job(&delivery).await,
+        _ => bus.ack_job(&delivery).await,
+    };
+    if let Err(e) = settled {
+        tracing::warn!(%job_id, error = %e, "could not settle the job on the bus; it will be redelivered");
+    }
+}
+
+async fn execute(spec: &JobSpec) -> Result<(), JobFailure> {
+    match spec {
+        JobSpec::Probe { sleep_ms, fail } => {
+            tokio::time::sleep(Duration::from_millis(*sleep_ms)).await;
+            if *fail {
+                return Err(JobFailure { message: "probe asked to fail".into(), retryable: false });
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reports are retried until the bus takes them: losing one would leave a job's state wrong.
+async fn report(bus: &dyn Bus, event: &NewEvent) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match bus.report(event).await {
+            Ok(()) => return,
+            Err(e @ BusError::Malformed { .. }) => {
+                tracing::error!(error = %e, "report refused by the bus");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot send a report; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! The `ctpf` command line. Every flag can also come from an environment variable.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{Table, presets::NOTHING};
+use ctpf_bus::BusConfig;
+use ctpf_common::{
+    Artifact, Datacenter, Event, Host, Job, JobSpec, Name, NewDatacenter, NewJob, NewSshKey, Role,
+    SshKey, SshPublicKey, Tag, TagSelector, WorkerIdentity,
+};
+use ctpf_store::artifacts::S3Config;
+use tokio_util::sync::CancellationToken;
+
+use crate::{client::ApiClient, server};
+
+#[derive(Debug, Parser)]
+#[command(name = "ctpf", version, about = "Turn bare machines into cluster nodes.")]
+pub struct Cli {
+    /// URL of the manager API.
+    #[arg(long, global = true, env = "CTPF_API", default_value = "http://127.0.0.1:7480")]
+    pub api: String,
+    /// API token (default: the admin token file in the default data dir).
+    #[arg(long, global = true, env = "CTPF_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true, env = "CTPF_JSON")]
+    pub json: bool,
+    /// More log output (-v debug, -vv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run everything on this machine: API, registries, scripts, a local worker, builders and
+    /// packagers, with embedded storage (or Redis/S3 when given).
+    Up(UpArgs),
+    /// Run the control plane only (API, registries) against Redis and S3; workers run apart.
+    Manager(ManagerArgs),
+    /// Run a worker for one datacenter; it dials out to Redis and takes matching jobs.
+    Worker(WorkerArgs),
+    /// Datacenters: where machines live.
+    #[command(subcommand, alias = "datacenters", alias = "dc")]
+    Datacenter(DatacenterCmd),
+    /// Hosts known to ctpf.
+    #[command(subcommand, alias = "host")]
+    Hosts(HostsCmd),
+    /// SSH public keys deployed to hosts.
+    #[command(subcommand, alias = "key")]
+    Keys(KeysCmd),
+    /// Stored artifacts.
+    #[command(subcommand, alias = "artifact")]
+    Artifacts(ArtifactsCmd),
+    /// Jobs run by workers.
+    #[command(subcommand, alias = "job")]
+    Jobs(JobsCmd),
+    /// The event log.
+    Events(EventsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DataDirArg {
+    /// Where all data lives (default: $XDG_DATA_HOME/ctpf or ~/.local/share/ctpf).
+    #[arg(long, env = "CTPF_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// Use Redis (redis://HOST:PORT/) for state and the bus instead of the embedded ones.
+    #[arg(long, env = "CTPF_REDIS")]
+    pub redis: Option<String>,
+    /// Use S3/MinIO (http://HOST:PORT) for artifacts; bucket and keys from the env.
+    #[arg(long, env = "CTPF_S3")]
+    pub s3: Option<String>,
+    #[arg(long, env = "CTPF_S3_BUCKET", default_value = "ctpf")]
+    pub s3_bucket: String,
+    #[arg(long, env = "CTPF_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    #[arg(long, env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    pub s3_access_key: Option<String>,
+    #[arg(long, env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    pub s3_secret_key: Option<String>,
+    /// Prefix of every Redis key.
+    #[arg(long, env = "CTPF_NAMESPACE", default_value = "ctpf")]
+    pub namespace: String,
+    /// Seconds a worker may hold a job without renewing before it is handed to another.
+    #[arg(long, env = "CTPF_JOB_LEASE", default_value_t = 30)]
+    pub job_lease: u64,
+    /// Deliveries after which a job is dead-lettered.
+    #[arg(long, env = "CTPF_JOB_MAX_DELIVERIES", default_value_t = 3)]
+    pub job_max_deliveries: u32,
+}
+
+impl EngineArgs {
+    fn engines(&self) -> Result<server::Engines> {
+        let s3 = match &self.s3 {
+            None => None,
+            Some(endpoint) => Some(S3Config {
+                endpoint: endpoint.clone(),
+                bucket: self.s3_bucket.clone(),
+                region: self.s3_region.clone(),
+                access_key: self.s3_access_key.clone().context("--s3 needs AWS_ACCESS_KEY_ID")?,
+                secret_key: self
+                    .s3_secret_key
+                    .clone()
+                    .context("--s3 needs AWS_SECRET_ACCESS_KEY")?,
+            }),
+        };
+        if self.job_lease == 0 || self.job_max_deliveries == 0 {
+            bail!("--job-lease and --job-max-deliveries must be at least 1");
+        }
+        Ok(server::Engines {
+            redis: self.redis.clone(),
+            s3,
+            namespace: self.namespace.clone(),
+            bus: BusConfig {
+                lease: Duration::from_secs(self.job_lease),
+                max_deliveries: self.job_max_deliveries,
+            },
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
+    /// Address of the API.
+    #[arg(long = "listen", env = "CTPF_LISTEN", default_value = "127.0.0.1:7480")]
+    pub listen: SocketAddr,
+    /// Datacenter of the built-in worker.
+    #[arg(long, env = "CTPF_DATACENTER", default_value = "local")]
+    pub datacenter: String,
+    #[command(flatten)]
+    pub engines: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ManagerArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
+    #[arg(long = "listen", env = "CTPF_LISTEN", default_value = "127.0.0.1:7480")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub engines: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The datacenter this worker serves.
+    #[arg(long, env = "CTPF_DATACENTER")]
+    pub datacenter: String,
+    /// Extra routing tags (k=v), repeatable.
+    #[arg(long = "tag", env = "CTPF_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+    /// Roles: distributor, builder, packager (comma-separated).
+    #[arg(long = "role", env = "CTPF_ROLES", value_delimiter = ',', default_value = "distributor")]
+    pub roles: Vec<String>,
+    /// Worker id (default: host name and process id).
+    #[arg(long, env = "CTPF_WORKER_ID")]
+    pub id: Option<String>,
+    #[command(flatten)]
+    pub engines: EngineArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DatacenterCmd {
+    /// Add a datacenter.
+    Add {
+        name: String,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// List datacenters.
+    List {
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Delete a datacenter (refused while it has hosts, unless --force).
+    Delete {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HostsCmd {
+    /// List hosts.
+    List {
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        datacenter: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Register the public key in FILE (e.g. ~/.ssh/id_ed25519.pub).
+    Add {
+        file: PathBuf,
+        /// Name of the key (default: the file name without extension).
+        #[arg(long)]
+        name: Option<String>,
+        /// Only for hosts of this datacenter.
+        #[arg(long)]
+        datacenter: Option<String>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// List keys.
+    List {
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ArtifactsCmd {
+    /// List artifacts.
+    List {
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCmd {
+    /// List jobs.
+    List {
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Submit a probe job (sleeps, then succeeds or fails), to check that workers take jobs.
+    Probe {
+        /// Tags the worker must carry (k=v,k=v).
+        #[arg(long, default_value = "")]
+        selector: String,
+        #[arg(long, default_value_t = 0)]
+        sleep_ms: u64,
+        #[arg(long)]
+        fail: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// Only events after this sequence number.
+    #[arg(long, default_value_t = 0)]
+    after: u64,
+    /// Keep printing new events.
+    #[arg(long, short)]
+    follow: bool,
+    #[arg(long)]
+    datacenter: Option<String>,
+    #[arg(long = "tag")]
+    tags: Vec<String>,
+}
+
+/// `$XDG_DATA_HOME/ctpf`, else `~/.local/share/ctpf`, else `./ctpf-data`.
+pub fn default_data_dir() -> PathBuf {
+    if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(xdg).join("ctpf");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(home).join(".local/share/ctpf");
+    }
+    PathBuf::from("ctpf-data")
+}
+
+fn tag_query(tags: &[String]) -> Result<Vec<(&'static str, String)>> {
+    tags.iter().map(|t| Ok(("tag", t.parse::<Tag>()?.to_string()))).collect()
+}
+
+fn client(cli: &Cli) -> Result<ApiClient> {
+    let token = match &cli.token {
+        Some(t) => Some(t.clone()),
+        None => std::fs::read_to_string(default_data_dir().join("admin.token"))
+            .ok()
+            .map(|t| t.trim().to_owned()),
+    };
+    ApiClient::new(&cli.api, token)
+}
+
+fn print<T: serde::Serialize>(
+    json: bool,
+    items: &[T],
+    header: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(items)?);
+        return Ok(());
+    }
+    let mut table = Table::new();
+    table.load_preset(NOTHING).set_header(header.to_vec());
+    for item in items {
+        table.add_row(row(item));
+    }
+    println!("{table}");
+    Ok(())
+}
+
+fn or_dash<T: ToString>(v: Option<T>) -> String {
+    v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Up(args) => {
+            let data_dir = args.data.data_dir.clone().unwrap_or_else(default_data_dir);
+            let datacenter = Name::parse("datacenter", &args.datacenter)?;
+            let identity = WorkerIdentity {
+                id: format!("local-{}", std::process::id()),
+                datacenter,
+                tags: Default::default(),
+                roles: vec![Role::Distributor, Role::Builder, Role::Packager],
+            };
+            let plane = server::ControlPlane {
+                api: args.listen,
+                data_dir,
+                engines: args.engines.engines()?,
+                local_worker: Some(identity),
+            };
+            let shutdown = CancellationToken::new();
+            server::cancel_on_signals(shutdown.clone())?;
+            server::run_control_plane(plane, shutdown).await
+        }
+        Command::Manager(args) => {
+            let engines = args.engines.engines()?;
+            if engines.redis.is_none() {
+                bail!("ctpf manager runs against Redis (--redis URL); for one machine use ctpf up");
+            }
+            let data_dir = args.data.data_dir.clone().unwrap_or_else(default_data_dir);
+            let plane =
+                server::ControlPlane { api: args.listen, data_dir, engines, local_worker: None };
+            let shutdown = CancellationToken::new();
+            server::cancel_on_signals(shutdown.clone())?;
+            server::run_control_plane(plane, shutdown).await
+        }
+        Command::Worker(args) => {
+            let engines = args.engines.engines()?;
+            let redis = engines.redis.clone().context("ctpf worker needs --redis URL")?;
+            let roles =
+                args.roles.iter().map(|r| r.parse::<Role>()).collect::<Result<Vec<_>, _>>()?;
+            let tags = args.tags.iter().map(|t| t.parse::<Tag>()).collect::<Result<_, _>>()?;
+            let host = nix::unistd::gethostname()
+                .ok()
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "worker".into());
+            let identity = WorkerIdentity {
+                id: args.id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+                datacenter: Name::parse("datacenter", &args.datacenter)?,
+                tags,
+                roles,
+            };
+            let shutdown = CancellationToken::new();
+            server::cancel_on_signals(shutdown.clone())?;
+            server::run_worker(&redis, &engines, identity, shutdown).await
+        }
+        Command::Datacenter(cmd) => datacenter(&cli, cmd).await,
+        Command::Hosts(HostsCmd::List { tags, datacenter }) => {
+            let mut query = tag_query(tags)?;
+            if let Some(dc) = datacenter {
+                query.push(("datacenter", Name::parse("datacenter", dc)?.to_string()));
+            }
+            let hosts: Vec<Host> = client(&cli)?.get("/v1/hosts", &query).await?;
+            print(
+                cli.json,
+                &hosts,
+                &["ID", "DATACENTER", "HOSTNAME", "STATE", "MACS", "ADDRESSES"],
+                |h| {
+                    vec![
+                        h.id.to_string(),
+                        h.datacenter.to_string(),
+                        or_dash(h.hostname.as_ref()),
+                        serde_json::to_value(h.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        h.macs.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","),
+                        h.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
+                    ]
+                },
+            )
+        }
+        Command::Keys(cmd) => keys(&cli, cmd).await,
+        Command::Artifacts(ArtifactsCmd::List { tags }) => {
+            let list: Vec<Artifact> = client(&cli)?.get("/v1/artifacts", &tag_query(tags)?).await?;
+            print(cli.json, &list, &["NAME", "KIND", "SIZE", "DIGEST", "TAGS"], |a| {
+                vec![
+                    a.name.to_string(),
+                    serde_json::to_value(a.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    a.size.to_string(),
+                    a.digest.to_string(),
+                    a.tags.to_string(),
+                ]
+            })
+        }
+        Command::Jobs(cmd) => jobs(&cli, cmd).await,
+        Command::Events(args) => events(&cli, args).await,
+    }
+}
+
+async fn datacenter(cli: &Cli, cmd: &DatacenterCmd) -> Result<()> {
+    let api = client(cli)?;
+    match cmd {
+        DatacenterCmd::Add { name, tags } => {
+            let new = NewDatacenter {
+                name: Name::parse("name", name)?,
+                tags: tags.iter().map(|t| t.parse::<Tag>()).collect::<Result<_, _>>()?,
+            };
+            let dc: Datacenter = api.post("/v1/datacenters", &new).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&dc)?);
+            } else {
+                println!("datacenter {} added", dc.name);
+            }
+            Ok(())
+        }
+        DatacenterCmd::List { tags } => {
+            let list: Vec<Datacenter> = api.get("/v1/datacenters", &tag_query(tags)?).await?;
+            print(cli.json, &list, &["NAME", "TAGS", "CREATED"], |d| {
+                vec![d.name.to_string(), d.tags.to_string(), d.created_at.to_string()]
+            })
+        }
+        DatacenterCmd::Delete { name, force } => {
+            let name = Name::parse("name", name)?;
+            api.delete(&format!("/v1/datacenters/{name}"), &[("force", force.to_string())]).await?;
+            println!("datacenter {name} deleted");
+            Ok(())
+        }
+    }
+}
+
+async fn keys(cli: &Cli, cmd: &KeysCmd) -> Result<()> {
+    let api = client(cli)?;
+    match cmd {
+        KeysCmd::Add { file, name, datacenter, tags } => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let public_key: SshPublicKey = text.trim().parse()?;
+            let name = match name {
+                Some(n) => Name::parse("name", n)?,
+                None => {
+                    let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("key");
+                    let cleaned: String = stem
+                        .to_lowercase()
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+                        .collect();
+                    Name::parse("name", cleaned.trim_matches('-'))
+                        .context("cannot derive a key name from the file name; pass --name")?
+                }
+            };
+            let new = NewSshKey {
+                name,
+                public_key,
+                datacenter: datacenter
+                    .as_deref()
+                    .map(|d| Name::parse("datacenter", d))
+                    .transpose()?,
+                tags: tags.iter().map(|t| t.parse::<Tag>()).collect::<Result<_, _>>()?,
+            };
+            let key: SshKey = api.post("/v1/keys", &new).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&key)?);
+            } else {
+                println!("key {} added ({})", key.name, key.fingerprint);
+            }
+            Ok(())
+        }
+        KeysCmd::List { tags } => {
+            let list: Vec<SshKey> = api.get("/v1/keys", &tag_query(tags)?).await?;
+            print(cli.json, &list, &["NAME", "TYPE", "FINGERPRINT", "DATACENTER", "COMMENT"], |k| {
+                vec![
+                    k.name.to_string(),
+                    k.public_key.algorithm().to_owned(),
+                    k.fingerprint.clone(),
+                    or_dash(k.datacenter.as_ref()),
+                    k.public_key.comment().unwrap_or("-").to_owned(),
+                ]
+            })
+        }
+    }
+}
+
+async fn jobs(cli: &Cli, cmd: &JobsCmd) -> Result<()> {
+    let api = client(cli)?;
+    match cmd {
+        JobsCmd::List { tags } => {
+            let list: Vec<Job> = api.get("/v1/jobs", &tag_query(tags)?).await?;
+            print(
+                cli.json,
+                &list,
+                &["ID", "KIND", "STATUS", "SELECTOR", "ATTEMPTS", "WORKER", "ERROR"],
+                |j| {
+                    vec![
+                        j.id.to_string(),
+                        j.spec.kind().to_owned(),
+                        serde_json::to_value(j.status)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default(),
+                        if j.selector.tags().is_empty() {
+                            "*".into()
+                        } else {
+                            j.selector.to_string()
+                        },
+                        j.attempts.to_string(),
+                        or_dash(j.worker.as_ref()),
+                        or_dash(j.error.as_ref()),
+                    ]
+                },
+            )
+        }
+        JobsCmd::Probe { selector, sleep_ms, fail } => {
+            let new = NewJob {
+                spec: JobSpec::Probe { sleep_ms: *sleep_ms, fail: *fail },
+                selector: selector.parse::<TagSelector>()?,
+            };
+            let job: Job = api.post("/v1/jobs", &new).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&job)?);
+            } else {
+                println!("job {} queued", job.id);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn events(cli: &Cli, args: &EventsArgs) -> Result<()> {
+    let api = client(cli)?;
+    let mut after = args.after;
+    loop {
+        let mut query = tag_query(&args.tags)?;
+        if let Some(dc) = &args.datacenter {
+            query.push(("datacenter", Name::parse("datacenter", dc)?.to_string()));
+        }
+        query.push(("after", after.to_string()));
+        query.push(("limit", "1000".into()));
+        if args.follow {
+            query.push(("wait", "30".into()));
+        }
+        let events: Vec<Event> = api.get("/v1/events", &query).await?;
+        for e in &events {
+            if cli.json {
+                println!("{}", serde_json::to_string(e)?);
+            } else {
+                let body = serde_json::to_value(&e.body)?;
+                println!(
+                    "{:>6} {} {:<10} {} {}",
+                    e.seq,
+                    e.at,
+                    or_dash(e.datacenter.as_ref()),
+                    e.body.type_name(),
+                    body
+                );
+            }
+            after = after.max(e.seq);
+        }
+        if !args.follow && events.len() < 1000 {
+            return Ok(());
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! Wiring: which engines back a run (embedded or external), and the long-running tasks of
+//! `ctpf up`, `ctpf manager` and `ctpf worker`. Every piece is a library call; this module only
+//! connects them and handles start-up and shutdown.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use ctpf_bus::{Bus, BusConfig, MemoryBus, RedisBus};
+use ctpf_common::WorkerIdentity;
+use ctpf_registries::{Registry, TokenRole, generate_token};
+use ctpf_store::{
+    artifacts::{ArtifactStore, FsArtifactStore, S3ArtifactStore, S3Config},
+    state::{RedbStateStore, RedisStateStore, StateStore},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState};
+
+/// The external engines, when a site uses them instead of the embedded ones.
+#[derive(Debug, Clone, Default)]
+pub struct Engines {
+    pub redis: Option<String>,
+    pub s3: Option<S3Config>,
+    /// Prefix for every Redis key, so installations can share a server.
+    pub namespace: String,
+    pub bus: BusConfig,
+}
+
+pub async fn open_state(data_dir: &Path, engines: &Engines) -> Result<Arc<dyn StateStore>> {
+    Ok(match &engines.redis {
+        Some(url) => Arc::new(
+            RedisStateStore::connect(url, &engines.namespace)
+                .await
+                .with_context(|| format!("connecting to Redis at {url}"))?,
+        ),
+        None => Arc::new(RedbStateStore::open(&data_dir.join("state.redb"))?),
+    })
+}
+
+pub async fn open_bus(engines: &Engines) -> Result<Arc<dyn Bus>> {
+    Ok(match &engines.redis {
+        Some(url) => Arc::new(
+            RedisBus::connect_with_namespace(url, &engines.namespace, engines.bus.clone())
+                .await
+                .with_context(|| format!("connecting the bus to Redis at {url}"))?,
+        ),
+        None => Arc::new(MemoryBus::new(engines.bus.clone())),
+    })
+}
+
+pub async fn open_artifacts(data_dir: &Path, engines: &Engines) -> Result<Arc<dyn ArtifactStore>> {
+    Ok(match &engines.s3 {
+        Some(config) => Arc::new(
+            S3ArtifactStore::connect(config.clone())
+                .await
+                .with_context(|| format!("connecting to S3 at {}", config.endpoint))?,
+        ),
+        None => Arc::new(FsArtifactStore::open(data_dir.join("artifacts")).await?),
+    })
+}
+
+/// Makes sure an admin token exists: creates `DATA_DIR/admin.token` (mode 0600) on first
+/// start and registers it. Returns the file's path.
+pub async fn ensure_admin_token(registry: &Registry, data_dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = data_dir.join("admin.token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) => t.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = generate_token();
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            std::io::Write::write_all(&mut file, format!("{token}\n").as_bytes())?;
+            file.sync_all()?;
+            token
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    registry.register_token(&token, "admin", TokenRole::Admin).await?;
+    Ok(path)
+}
+
+/// Applies workers' reports to the registries until shutdown; acknowledges each report only
+/// after it is applied, so none is lost if the manager stops in between.
+pub async fn ingest_reports(registry: Registry, consumer: String, shutdown: CancellationToken) {
+    let bus = registry.bus().clone();
+    while !shutdown.is_cancelled() {
+        let batch = tokio::select! {
+            b = bus.next_reports(&consumer, 256, Duration::from_secs(1)) => b,
+            () = shutdown.cancelled() => break,
+        };
+        let reports = match batch {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read reports; retrying in 1 s");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let mut applied = Vec::with_capacity(reports.len());
+        for report in reports {
+            match registry.apply_report(report.event).await {
+                Ok(_) => applied.push(report.receipt),
+                Err(e) => {
+                    // Leave it unacknowledged; it comes back on the next read.
+                    tracing::warn!(error = %e, "could not apply a report; will retry");
+                    break;
+                }
+            }
+        }
+        if !applied.is_empty() {
+            if let Err(e) = bus.ack_reports(&applied).await {
+                tracing::warn!(error = %e, "could not acknowledge reports; they will be applied again");
+            }
+        }
+    }
+}
+
+/// Serves the API on `listener` until shutdown, finishing requests in flight.
+pub async fn serve_api(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    Ok(())
+}
+
+pub async fn bind(addr: SocketAddr, what: &str) -> Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {what} to {addr}"))?;
+    // A stable line that scripts and tests read to learn the real port (e.g. after :0).
+    println!("listening on http://{} ({what})", listener.local_addr()?);
+    tracing::info!(addr = %listener.local_addr()?, "{what} listening");
+    Ok(listener)
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        token.cancel();
+    });
+    Ok(())
+}
+
+/// Everything `ctpf up` and `ctpf manager` run.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub api: SocketAddr,
+    pub data_dir: PathBuf,
+    pub engines: Engines,
+    /// The in-process worker of `ctpf up`; `None` for `ctpf manager`.
+    pub local_worker: Option<WorkerIdentity>,
+}
+
+pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken) -> Result<()> {
+    std::fs::create_dir_all(&plane.data_dir)
+        .with_context(|| format!("creating data dir {}", plane.data_dir.display()))?;
+    let state = open_state(&plane.data_dir, &plane.engines).await?;
+    let bus = open_bus(&plane.engines).await?;
+    let artifacts = open_artifacts(&plane.data_dir, &plane.engines).await?;
+    let registry = Registry::new(state, bus.clone());
+
+    let token_path = ensure_admin_token(&registry, &plane.data_dir).await?;
+    println!("admin token in {}", token_path.display());
+    if !bus.is_durable() {
+        let n = registry.requeue_unfinished_jobs().await?;
+        if n > 0 {
+            tracing::info!(jobs = n, "re-queued unfinished jobs from the state store");
+        }
+    }
+
+    let listener = bind(plane.api, "api").await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let consumer = format!("manager-{}", std::process::id());
+    tasks.spawn(ingest_reports(registry.clone(), consumer, shutdown.clone()));
+    if let Some(identity) = plane.local_worker {
+        let config = ctpf_distributors::jobs::WorkerConfig {
+            identity,
+            lease: plane.engines.bus.lease,
+            poll: Duration::from_secs(1),
+        };
+        tasks.spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone()));
+    }
+    let served = serve_api(listener, AppState { registry, artifacts }, shutdown.clone()).await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    served?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+pub async fn run_worker(
+    redis: &str,
+    engines: &Engines,
+    identity: WorkerIdentity,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let bus = Arc::new(
+        RedisBus::connect_with_namespace(redis, &engines.namespace, engines.bus.clone())
+            .await
+            .with_context(|| format!("connecting to Redis at {redis}"))?,
+    );
+    println!("worker {} ready (datacenter {})", identity.id, identity.datacenter);
+    let config = ctpf_distributors::jobs::WorkerConfig {
+        identity,
+        lease: engines.bus.lease,
+        poll: Duration::from_secs(1),
+    };
+    ctpf_distributors::jobs::run(config, bus, shutdown).await;
+    Ok(())
+}
