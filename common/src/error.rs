@@ -10,7 +10,11 @@ pub struct ParseError {
 }
 
 impl ParseError {
-    pub fn new(field: impl Into<String>, value: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub fn new(
+        field: impl Into<String>,
+        value: impl Into<String>,
+        reason: impl Into<String>,
+    ) -> Self {
         let mut value = value.into();
         // Never echo megabytes of hostile input back into logs or responses.
         if value.len() > 96 {

@@ -55,7 +55,11 @@ impl NewHost {
     /// Cross-field checks serde cannot express.
     pub fn validate(&self) -> Result<(), ParseError> {
         if self.macs.is_empty() && self.smbios_uuid.is_none() {
-            return Err(ParseError::new("macs", "[]", "a host needs at least one MAC or an SMBIOS UUID"));
+            return Err(ParseError::new(
+                "macs",
+                "[]",
+                "a host needs at least one MAC or an SMBIOS UUID",
+            ));
         }
         for (i, mac) in self.macs.iter().enumerate() {
             if self.macs[..i].contains(mac) {
@@ -126,7 +130,8 @@ mod tests {
         let empty: NewHost = serde_json::from_str(&host_json("[]")).unwrap();
         assert_eq!(empty.validate().unwrap_err().field, "macs");
         let dup: NewHost =
-            serde_json::from_str(&host_json(r#"["52:54:00:00:00:01","52-54-00-00-00-01"]"#)).unwrap();
+            serde_json::from_str(&host_json(r#"["52:54:00:00:00:01","52-54-00-00-00-01"]"#))
+                .unwrap();
         assert_eq!(dup.validate().unwrap_err().field, "macs[1]");
     }
 

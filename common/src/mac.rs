@@ -28,7 +28,8 @@ impl MacAddr {
             0 => text.len() == 12,
             2 => text.len() == 14 && text.as_bytes()[4] == b'.' && text.as_bytes()[9] == b'.',
             5 => {
-                text.len() == 17 && (2..17).step_by(3).all(|i| matches!(text.as_bytes()[i], b':' | b'-'))
+                text.len() == 17
+                    && (2..17).step_by(3).all(|i| matches!(text.as_bytes()[i], b':' | b'-'))
             }
             _ => false,
         };
@@ -83,7 +84,14 @@ mod tests {
 
     #[test]
     fn rejects_and_names_the_value() {
-        for bad in ["", "52:54:00:ab:cd", "52:54:00:ab:cd:eg", "52:54:00:ab:cd:ef:00", "5:254:00:ab:cd:ef", "zz"] {
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:eg",
+            "52:54:00:ab:cd:ef:00",
+            "5:254:00:ab:cd:ef",
+            "zz",
+        ] {
             let err = MacAddr::parse("macs[0]", bad).unwrap_err();
             assert_eq!(err.field, "macs[0]");
             assert_eq!(err.value, bad);

@@ -27,12 +27,7 @@ macro_rules! string_schema {
     };
 }
 
-string_schema!(
-    Name,
-    "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
-    "home",
-    "A lowercase DNS label."
-);
+string_schema!(Name, "^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", "home", "A lowercase DNS label.");
 string_schema!(
     ArtifactName,
     "^[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,127}$",

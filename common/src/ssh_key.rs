@@ -1,6 +1,8 @@
 use std::{fmt, str::FromStr};
 
-use base64::{Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::STANDARD_NO_PAD};
+use base64::{
+    Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::STANDARD_NO_PAD,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use time::OffsetDateTime;
@@ -39,7 +41,10 @@ impl SshPublicKey {
         let mut parts = line.splitn(3, [' ', '\t']);
         let algorithm = parts.next().unwrap_or_default();
         if !ALGORITHMS.contains(&algorithm) {
-            return Err(bad(&format!("unknown key type; expected one of {}", ALGORITHMS.join(", "))));
+            return Err(bad(&format!(
+                "unknown key type; expected one of {}",
+                ALGORITHMS.join(", ")
+            )));
         }
         let encoded = parts.next().ok_or_else(|| bad("missing the base64 key"))?;
         let blob = STANDARD.decode(encoded).map_err(|_| bad("the key is not valid base64"))?;
@@ -53,10 +58,10 @@ impl SshPublicKey {
             return Err(bad("the key data does not match its type"));
         }
         let comment = parts.next().map(str::trim).filter(|c| !c.is_empty());
-        if let Some(c) = comment {
-            if c.len() > 256 || c.chars().any(char::is_control) {
-                return Err(bad("the comment must be printable and at most 256 characters"));
-            }
+        if let Some(c) = comment
+            && (c.len() > 256 || c.chars().any(char::is_control))
+        {
+            return Err(bad("the comment must be printable and at most 256 characters"));
         }
         Ok(Self { algorithm: algorithm.to_owned(), blob, comment: comment.map(str::to_owned) })
     }

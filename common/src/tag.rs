@@ -130,14 +130,14 @@ impl TryFrom<Vec<Tag>> for Tags {
     fn try_from(list: Vec<Tag>) -> Result<Self, Self::Error> {
         let mut tags = Self::new();
         for tag in list {
-            if let Some(old) = tags.get(tag.key()) {
-                if old != tag.value() {
-                    return Err(ParseError::new(
-                        "tags",
-                        tag.to_string(),
-                        format!("key {:?} is given twice", tag.key()),
-                    ));
-                }
+            if let Some(old) = tags.get(tag.key())
+                && old != tag.value()
+            {
+                return Err(ParseError::new(
+                    "tags",
+                    tag.to_string(),
+                    format!("key {:?} is given twice", tag.key()),
+                ));
             }
             tags.insert(tag);
         }

@@ -4,7 +4,9 @@ use utoipa::ToSchema;
 use crate::{Name, ParseError, Tag, Tags};
 
 /// The roles a worker process can take on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Distributor,
@@ -53,10 +55,10 @@ impl WorkerIdentity {
         if let Ok(t) = Tag::new("datacenter", self.datacenter.as_str()) {
             tags.insert(t);
         }
-        if let Some(role) = role {
-            if let Ok(t) = Tag::new("role", role.as_str()) {
-                tags.insert(t);
-            }
+        if let Some(role) = role
+            && let Ok(t) = Tag::new("role", role.as_str())
+        {
+            tags.insert(t);
         }
         tags
     }

@@ -117,10 +117,10 @@ pub async fn ingest_reports(registry: Registry, consumer: String, shutdown: Canc
                 }
             }
         }
-        if !applied.is_empty() {
-            if let Err(e) = bus.ack_reports(&applied).await {
-                tracing::warn!(error = %e, "could not acknowledge reports; they will be applied again");
-            }
+        if !applied.is_empty()
+            && let Err(e) = bus.ack_reports(&applied).await
+        {
+            tracing::warn!(error = %e, "could not acknowledge reports; they will be applied again");
         }
     }
 }

@@ -1,6 +1,8 @@
 //! One contract for every artifact store: the filesystem store and S3 against a real
 //! S3-compatible server must behave the same.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::{pin::Pin, task::Poll};
 
 use ctpf_common::Sha256Digest;
@@ -88,7 +90,8 @@ async fn contract(store: &dyn ArtifactStore) {
     assert_eq!(store.put(reader(large2.clone()), Some(d2)).await.unwrap().digest, d2);
 
     // Ranges, including across part boundaries and the empty range.
-    let mut blob = store.get_range(&large_digest, 8 * 1024 * 1024 - 5, 8 * 1024 * 1024 + 5).await.unwrap();
+    let mut blob =
+        store.get_range(&large_digest, 8 * 1024 * 1024 - 5, 8 * 1024 * 1024 + 5).await.unwrap();
     assert_eq!(blob.size, large.len() as u64);
     let mut got = Vec::new();
     blob.reader.read_to_end(&mut got).await.unwrap();

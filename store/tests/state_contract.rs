@@ -1,6 +1,8 @@
 //! One contract for every state store: the embedded redb store and Redis (a real
 //! redis-server) must behave the same.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
 use std::sync::Arc;
 
 use ctpf_common::{EventBody, NewEvent};
@@ -10,7 +12,10 @@ use ctpf_store::state::{
 };
 
 fn dc_event(name: &str) -> NewEvent {
-    NewEvent::new(Some(name.parse().unwrap()), EventBody::DatacenterCreated { name: name.parse().unwrap() })
+    NewEvent::new(
+        Some(name.parse().unwrap()),
+        EventBody::DatacenterCreated { name: name.parse().unwrap() },
+    )
 }
 
 fn put(table: Table, key: &str, value: &str, expect: Precondition) -> Commit {
@@ -19,7 +24,8 @@ fn put(table: Table, key: &str, value: &str, expect: Precondition) -> Commit {
 
 async fn records_and_versions(store: &dyn StateStore) {
     assert_eq!(store.get(Table::Datacenters, "home").await.unwrap(), None);
-    let done = store.commit(put(Table::Datacenters, "home", "v1", Precondition::Absent)).await.unwrap();
+    let done =
+        store.commit(put(Table::Datacenters, "home", "v1", Precondition::Absent)).await.unwrap();
     assert_eq!(done.previous, vec![None]);
     let rec = store.get(Table::Datacenters, "home").await.unwrap().unwrap();
     assert_eq!((rec.version, rec.value.as_slice()), (1, b"v1".as_slice()));
@@ -47,7 +53,8 @@ async fn records_and_versions(store: &dyn StateStore) {
     assert_eq!(store.get(Table::Hosts, "home").await.unwrap(), None);
 
     // Delete: conditional, and reports what was there.
-    let gone = Commit::new().write(Write::delete(Table::Datacenters, "home", Precondition::Version(3)));
+    let gone =
+        Commit::new().write(Write::delete(Table::Datacenters, "home", Precondition::Version(3)));
     assert_eq!(store.commit(gone).await.unwrap().previous, vec![Some(3)]);
     assert_eq!(store.get(Table::Datacenters, "home").await.unwrap(), None);
     let nothing = Commit::new().write(Write::delete(Table::Datacenters, "home", Precondition::Any));
@@ -58,7 +65,15 @@ async fn records_and_versions(store: &dyn StateStore) {
 
     // Binary values round-trip untouched.
     let bytes: Vec<u8> = (0..=255).collect();
-    store.commit(Commit::new().write(Write::put(Table::Artifacts, "bin", bytes.clone(), Precondition::Any))).await.unwrap();
+    store
+        .commit(Commit::new().write(Write::put(
+            Table::Artifacts,
+            "bin",
+            bytes.clone(),
+            Precondition::Any,
+        )))
+        .await
+        .unwrap();
     assert_eq!(store.get(Table::Artifacts, "bin").await.unwrap().unwrap().value, bytes);
 }
 
@@ -70,7 +85,9 @@ async fn commits_are_atomic(store: &dyn StateStore) {
         .write(Write::put(Table::Hosts, "b", b"1".to_vec(), Precondition::Absent))
         .write(Write::put(Table::Hosts, "a", b"2".to_vec(), Precondition::Absent))
         .event(dc_event("x"));
-    assert!(matches!(store.commit(commit).await, Err(StateError::Conflict { ref key, .. }) if key == "a"));
+    assert!(
+        matches!(store.commit(commit).await, Err(StateError::Conflict { ref key, .. }) if key == "a")
+    );
     assert_eq!(store.get(Table::Hosts, "b").await.unwrap(), None);
     assert_eq!(store.get(Table::Hosts, "a").await.unwrap().unwrap().value, b"1");
     assert_eq!(store.last_event_seq().await.unwrap(), seq_before);
@@ -84,7 +101,8 @@ async fn commits_are_atomic(store: &dyn StateStore) {
     assert_eq!((rec.version, rec.value.as_slice()), (2, b"2".as_slice()));
 
     // Listing is complete and in key order.
-    let keys: Vec<_> = store.list(Table::Hosts).await.unwrap().into_iter().map(|(k, _)| k).collect();
+    let keys: Vec<_> =
+        store.list(Table::Hosts).await.unwrap().into_iter().map(|(k, _)| k).collect();
     assert_eq!(keys, ["a", "c"]);
     assert!(store.list(Table::Tokens).await.unwrap().is_empty());
 
@@ -97,10 +115,7 @@ async fn commits_are_atomic(store: &dyn StateStore) {
 
 async fn events_are_numbered_in_order(store: &dyn StateStore) {
     let start = store.last_event_seq().await.unwrap();
-    let done = store
-        .commit(Commit::new().event(dc_event("a")).event(dc_event("b")))
-        .await
-        .unwrap();
+    let done = store.commit(Commit::new().event(dc_event("a")).event(dc_event("b"))).await.unwrap();
     let seqs: Vec<u64> = done.events.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, [start + 1, start + 2]);
     assert_eq!(store.last_event_seq().await.unwrap(), start + 2);
@@ -121,12 +136,20 @@ async fn concurrent_commits(store: Arc<dyn StateStore>) {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             let key = format!("job-{i}");
-            store.commit(put(Table::Jobs, &key, "x", Precondition::Absent).event(dc_event("c"))).await.unwrap();
+            store
+                .commit(put(Table::Jobs, &key, "x", Precondition::Absent).event(dc_event("c")))
+                .await
+                .unwrap();
             // Increment the shared counter with CAS, retrying on conflict.
             loop {
                 let rec = store.get(Table::Jobs, "counter").await.unwrap().unwrap();
                 let n: u64 = std::str::from_utf8(&rec.value).unwrap().parse().unwrap();
-                let next = put(Table::Jobs, "counter", &(n + 1).to_string(), Precondition::Version(rec.version));
+                let next = put(
+                    Table::Jobs,
+                    "counter",
+                    &(n + 1).to_string(),
+                    Precondition::Version(rec.version),
+                );
                 match store.commit(next).await {
                     Ok(_) => break,
                     Err(StateError::Conflict { .. }) => continue,
@@ -170,7 +193,9 @@ async fn redis_store_meets_the_contract() {
     let server = RedisServer::start().unwrap();
     let mut stores = Vec::new();
     for n in 0..4 {
-        stores.push(Arc::new(RedisStateStore::connect(&server.url(), &format!("t{n}")).await.unwrap()));
+        stores.push(Arc::new(
+            RedisStateStore::connect(&server.url(), &format!("t{n}")).await.unwrap(),
+        ));
     }
     let next = std::sync::Mutex::new(stores.into_iter());
     contract(|| next.lock().unwrap().next().unwrap() as Arc<dyn StateStore>).await;
@@ -181,7 +206,10 @@ async fn redb_store_keeps_writes_across_reopen_and_locks_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.redb");
     let store = RedbStateStore::open(&path).unwrap();
-    store.commit(put(Table::Tokens, "t", "secret", Precondition::Absent).event(dc_event("a"))).await.unwrap();
+    store
+        .commit(put(Table::Tokens, "t", "secret", Precondition::Absent).event(dc_event("a")))
+        .await
+        .unwrap();
     // A second opener (another ctpf on the same data dir) is told why it cannot start.
     assert!(matches!(RedbStateStore::open(&path), Err(StateError::Locked(_))));
     drop(store);
@@ -189,7 +217,9 @@ async fn redb_store_keeps_writes_across_reopen_and_locks_the_file() {
     let store = loop {
         match RedbStateStore::open(&path) {
             Ok(s) => break s,
-            Err(StateError::Locked(_)) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+            Err(StateError::Locked(_)) => {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await
+            }
             Err(e) => panic!("{e}"),
         }
     };
@@ -201,7 +231,10 @@ async fn redb_store_keeps_writes_across_reopen_and_locks_the_file() {
 async fn redis_store_survives_a_server_restart_and_reports_an_outage() {
     let mut server = RedisServer::start().unwrap();
     let store = RedisStateStore::connect(&server.url(), "ctpf").await.unwrap();
-    store.commit(put(Table::Hosts, "h", "1", Precondition::Absent).event(dc_event("a"))).await.unwrap();
+    store
+        .commit(put(Table::Hosts, "h", "1", Precondition::Absent).event(dc_event("a")))
+        .await
+        .unwrap();
     server.restart().unwrap();
     // The connection manager reconnects; the first call after the restart may still fail.
     let mut rec = None;

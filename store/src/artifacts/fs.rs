@@ -20,7 +20,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use super::{ArtifactError, ArtifactStore, Blob, BlobInfo, BlobReader, check_range};
+use super::{ArtifactError, ArtifactStore, Blob, BlobInfo, BlobReader, check_digest, check_range};
 
 /// Upload chunk size: large enough that per-chunk overhead vanishes, small enough that the
 /// in-flight chunks stay far below the 64 MiB memory budget.
@@ -128,11 +128,7 @@ impl ArtifactStore for FsArtifactStore {
         drop(written);
 
         let digest = Sha256Digest::from_bytes(hasher.finalize().into());
-        if let Some(expected) = expected {
-            if expected != digest {
-                return Err(ArtifactError::DigestMismatch { expected, actual: digest });
-            }
-        }
+        check_digest(expected, digest)?;
         let final_path = self.blob_path(&digest);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             let dir = final_path.parent().unwrap_or(Path::new("."));

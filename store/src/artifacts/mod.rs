@@ -85,6 +85,16 @@ pub trait ArtifactStore: Send + Sync + Debug {
     async fn list(&self) -> Result<Vec<BlobInfo>, ArtifactError>;
 }
 
+/// Fails with [`ArtifactError::DigestMismatch`] when an expected digest is given and differs.
+fn check_digest(expected: Option<Sha256Digest>, actual: Sha256Digest) -> Result<(), ArtifactError> {
+    match expected {
+        Some(expected) if expected != actual => {
+            Err(ArtifactError::DigestMismatch { expected, actual })
+        }
+        _ => Ok(()),
+    }
+}
+
 fn check_range(start: u64, end: u64, size: u64) -> Result<(), ArtifactError> {
     if start > end || end > size {
         return Err(ArtifactError::InvalidRange { start, end, size });

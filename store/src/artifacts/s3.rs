@@ -24,7 +24,7 @@ use ctpf_common::Sha256Digest;
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt as _;
 
-use super::{ArtifactError, ArtifactStore, Blob, BlobInfo, BlobReader, check_range};
+use super::{ArtifactError, ArtifactStore, Blob, BlobInfo, BlobReader, check_digest, check_range};
 
 /// Multipart part size. S3 needs at least 5 MiB per part; 8 MiB keeps memory low and
 /// request overhead small.
@@ -148,11 +148,9 @@ impl S3ArtifactStore {
             }
         };
         let digest = Sha256Digest::from_bytes(hasher.finalize().into());
-        if let Some(expected) = expected {
-            if expected != digest {
-                self.abort(key, &upload_id).await;
-                return Err(ArtifactError::DigestMismatch { expected, actual: digest });
-            }
+        if let Err(mismatch) = check_digest(expected, digest) {
+            self.abort(key, &upload_id).await;
+            return Err(mismatch);
         }
         self.client
             .complete_multipart_upload()
@@ -315,11 +313,7 @@ impl ArtifactStore for S3ArtifactStore {
 
         if at_end {
             let digest = Sha256Digest::from_bytes(hasher.finalize().into());
-            if let Some(expected) = expected {
-                if expected != digest {
-                    return Err(ArtifactError::DigestMismatch { expected, actual: digest });
-                }
-            }
+            check_digest(expected, digest)?;
             let size = first.len() as u64;
             let key = object_key(&digest);
             if self.exists(&key).await?.is_none() {
@@ -336,7 +330,9 @@ impl ArtifactStore for S3ArtifactStore {
         }
 
         if let Some(expected) = expected {
-            return self.multipart(&object_key(&expected), first, hasher, body, Some(expected)).await;
+            return self
+                .multipart(&object_key(&expected), first, hasher, body, Some(expected))
+                .await;
         }
         let temp_key = format!("tmp/{}", uuid::Uuid::new_v4());
         let info = self.multipart(&temp_key, first, hasher, body, None).await?;

@@ -147,7 +147,9 @@ pub enum StateError {
     Conflict { table: Table, key: String, expected: Precondition, found: Option<u64> },
     #[error("invalid key {key:?}: {reason}")]
     InvalidKey { key: String, reason: &'static str },
-    #[error("the state database is in use by another process ({0}); is another ctpf running on this data dir?")]
+    #[error(
+        "the state database is in use by another process ({0}); is another ctpf running on this data dir?"
+    )]
     Locked(String),
     #[error("state store: {0}")]
     Storage(String),
@@ -163,7 +165,10 @@ fn check_key(key: &str) -> Result<(), StateError> {
         return Err(StateError::InvalidKey { key: key.into(), reason: "empty" });
     }
     if key.len() > 512 {
-        return Err(StateError::InvalidKey { key: key[..64].into(), reason: "longer than 512 bytes" });
+        return Err(StateError::InvalidKey {
+            key: key[..64].into(),
+            reason: "longer than 512 bytes",
+        });
     }
     Ok(())
 }

@@ -217,7 +217,12 @@ fn apply_one(
 
 /// The version `write`'s record will have when its turn comes, given the writes before it in
 /// the same commit.
-fn overlay(writes: &[Write], write: &Write, previous: &[Option<u64>], stored: Option<u64>) -> Option<u64> {
+fn overlay(
+    writes: &[Write],
+    write: &Write,
+    previous: &[Option<u64>],
+    stored: Option<u64>,
+) -> Option<u64> {
     let (table, key, _) = write.target();
     let mut current = stored;
     for (earlier, prev) in writes.iter().zip(previous) {

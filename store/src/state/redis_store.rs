@@ -119,7 +119,10 @@ impl RedisStateStore {
     }
 }
 
-fn parse_event(id: &str, fields: &std::collections::HashMap<String, Value>) -> Result<Event, StateError> {
+fn parse_event(
+    id: &str,
+    fields: &std::collections::HashMap<String, Value>,
+) -> Result<Event, StateError> {
     let seq = id
         .strip_prefix("0-")
         .and_then(|s| s.parse::<u64>().ok())
@@ -192,7 +195,8 @@ impl StateStore for RedisStateStore {
             invocation.arg(op).arg(table.name()).arg(key).arg(cond).arg(value);
         }
         for event in &commit.events {
-            invocation.arg(serde_json::to_vec(event).map_err(|e| StateError::Storage(e.to_string()))?);
+            invocation
+                .arg(serde_json::to_vec(event).map_err(|e| StateError::Storage(e.to_string()))?);
         }
         let mut conn = self.conn.clone();
         let reply: Vec<Value> = invocation.invoke_async(&mut conn).await.map_err(unavailable)?;

@@ -1,0 +1,155 @@
+//! The bus between the manager and its workers.
+//!
+//! Two flows, both at-least-once:
+//! - **jobs** go from the manager to workers. Each job carries a [`TagSelector`]; a worker only
+//!   receives jobs its [`WorkerIdentity`] accepts. A worker holds a job under a lease; if the
+//!   worker dies the lease runs out and another matching worker gets the job again. After
+//!   `max_deliveries` the job is dead-lettered with a reason instead.
+//! - **reports** go from workers to the manager: job progress and, later, boot events and host
+//!   callbacks. The manager acknowledges a report only after it has applied it to the state
+//!   store, so a report is never lost between the two.
+//!
+//! [`MemoryBus`] serves the all-in-one `ctpf up`; [`RedisBus`] (Redis Streams with consumer
+//! groups) serves distributed sites. Both pass the same contract suite in `tests/contract.rs`.
+
+use std::{fmt::Debug, time::Duration};
+
+use async_trait::async_trait;
+use ctpf_common::{JobSpec, NewEvent, TagSelector, Uuid, WorkerIdentity};
+use serde::{Deserialize, Serialize};
+
+mod memory;
+mod redis_bus;
+
+pub use memory::MemoryBus;
+pub use redis_bus::RedisBus;
+
+/// A job as it travels on the bus: enough for a worker to run it, nothing more.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobEnvelope {
+    pub job_id: Uuid,
+    pub spec: JobSpec,
+    pub selector: TagSelector,
+}
+
+/// A job handed to one worker. Pass it back to `ack_job`, `retry_job` or `extend_job`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub job: JobEnvelope,
+    /// 1 on the first delivery, 2 after one redelivery, ...
+    pub attempt: u32,
+    /// Backend-specific handle (stream and entry id for Redis, a slot id in memory).
+    pub receipt: String,
+}
+
+/// A job given up on, with why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub job: JobEnvelope,
+    pub reason: String,
+    pub deliveries: u32,
+}
+
+/// A job still on the bus: waiting for a matching worker, or held by one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedJob {
+    pub job: JobEnvelope,
+    /// The worker currently holding it, if any.
+    pub held_by: Option<String>,
+    pub deliveries: u32,
+}
+
+/// A report as read by the manager; `ack_reports` with its receipt once applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportDelivery {
+    pub event: NewEvent,
+    pub receipt: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// How long a worker may hold a job without `extend_job` before it counts as dead.
+    pub lease: Duration,
+    /// Deliveries after which a job is dead-lettered instead of handed out again.
+    pub max_deliveries: u32,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self { lease: Duration::from_secs(30), max_deliveries: 3 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("malformed bus message {id}: {reason}")]
+    Malformed { id: String, reason: String },
+    #[error("unknown or expired delivery receipt {0}")]
+    UnknownReceipt(String),
+}
+
+/// `from + duration`, saturating a century ahead instead of panicking on absurd durations.
+pub(crate) fn instant_after(
+    from: tokio::time::Instant,
+    duration: Duration,
+) -> tokio::time::Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    from.checked_add(duration.min(CENTURY)).unwrap_or(from)
+}
+
+/// The same wording from both backends, for operators and the manager's event log.
+pub(crate) fn dead_letter_reason(deliveries: u32, last_holder: &str) -> String {
+    format!("delivered {deliveries} times without completion (last holder: {last_holder})")
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + Debug {
+    /// Puts a job on the bus. Idempotent per `job_id` is not required: the manager enqueues a
+    /// job once, when it is created (or when recovering a non-durable bus).
+    async fn enqueue_job(&self, job: &JobEnvelope) -> Result<(), BusError>;
+
+    /// The next job `worker` may take: first a job whose holder's lease ran out (redelivery),
+    /// else a fresh one. Waits up to `wait`; `None` when nothing came.
+    async fn next_job(
+        &self,
+        worker: &WorkerIdentity,
+        wait: Duration,
+    ) -> Result<Option<Delivery>, BusError>;
+
+    /// The job is finished (succeeded, or failed for good): remove it from the bus.
+    async fn ack_job(&self, delivery: &Delivery) -> Result<(), BusError>;
+
+    /// Gives the job back for another delivery now (it counts toward `max_deliveries`).
+    async fn retry_job(&self, delivery: &Delivery) -> Result<(), BusError>;
+
+    /// Renews the lease of a job the worker is still running.
+    async fn extend_job(&self, delivery: &Delivery) -> Result<(), BusError>;
+
+    /// Every job still on the bus, oldest first.
+    async fn queued_jobs(&self) -> Result<Vec<QueuedJob>, BusError>;
+
+    /// Every dead-lettered job, oldest first.
+    async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError>;
+
+    /// Sends a report from a worker to the manager.
+    async fn report(&self, event: &NewEvent) -> Result<(), BusError>;
+
+    /// Reads up to `max` reports not yet acknowledged by `consumer`'s group: first those read
+    /// before but never acknowledged (a manager that died mid-apply), then new ones. Waits up
+    /// to `wait` when there are none.
+    async fn next_reports(
+        &self,
+        consumer: &str,
+        max: usize,
+        wait: Duration,
+    ) -> Result<Vec<ReportDelivery>, BusError>;
+
+    /// Marks reports as applied.
+    async fn ack_reports(&self, receipts: &[String]) -> Result<(), BusError>;
+
+    /// Whether queued jobs survive a restart of this process (Redis: yes; memory: no, so the
+    /// manager re-enqueues unfinished jobs from the state store at start-up).
+    fn is_durable(&self) -> bool;
+}

@@ -1,0 +1,370 @@
+//! The manager API through its real router, backed by the embedded stores: auth, input
+//! errors that name the field, round trips of every resource, tag filters, and the
+//! OpenAPI drift check.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    body::Body,
+    http::{Method, Request, StatusCode, header},
+};
+use ctpf_bus::{BusConfig, MemoryBus};
+use ctpf_manager::api::{AppState, router_and_spec};
+use ctpf_registries::{Registry, TokenRole, generate_token};
+use ctpf_store::{artifacts::FsArtifactStore, state::RedbStateStore};
+use http_body_util::BodyExt as _;
+use serde_json::{Value, json};
+use tower::ServiceExt as _;
+
+struct Api {
+    router: Router,
+    spec: utoipa::openapi::OpenApi,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+async fn api() -> Api {
+    let dir = tempfile::tempdir().unwrap();
+    let state = Arc::new(RedbStateStore::open(&dir.path().join("state.redb")).unwrap());
+    let artifacts = Arc::new(FsArtifactStore::open(dir.path().join("artifacts")).await.unwrap());
+    let registry = Registry::new(state, Arc::new(MemoryBus::new(BusConfig::default())));
+    let token = generate_token();
+    registry.register_token(&token, "test", TokenRole::Admin).await.unwrap();
+    let (router, spec) = router_and_spec(AppState { registry, artifacts });
+    Api { router, spec, token, _dir: dir }
+}
+
+impl Api {
+    async fn call(&self, method: Method, uri: &str, body: Option<Value>) -> (StatusCode, Value) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token));
+        let body = match body {
+            Some(v) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                Body::from(v.to_string())
+            }
+            None => Body::empty(),
+        };
+        let (status, bytes) = self.raw(req.body(body).unwrap()).await;
+        let value = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        (status, value)
+    }
+
+    async fn raw(&self, req: Request<Body>) -> (StatusCode, Vec<u8>) {
+        let response = self.router.clone().oneshot(req).await.unwrap();
+        let status = response.status();
+        (status, response.into_body().collect().await.unwrap().to_bytes().to_vec())
+    }
+
+    fn get(&self, uri: &str) -> Request<Body> {
+        Request::get(uri)
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Body::empty())
+            .unwrap()
+    }
+
+    async fn upload(&self, name: &str, query: &str, data: &[u8]) -> (StatusCode, Value) {
+        let req = Request::put(format!("/v1/artifacts/{name}{query}"))
+            .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
+            .body(Body::from(data.to_vec()))
+            .unwrap();
+        let (status, bytes) = self.raw(req).await;
+        (status, serde_json::from_slice(&bytes).unwrap())
+    }
+}
+
+/// Asserts a 400 whose error names `field`.
+fn assert_invalid(got: (StatusCode, Value), field: &str) {
+    assert_eq!(got.0, StatusCode::BAD_REQUEST, "{}", got.1);
+    assert_eq!(got.1["error"]["code"], "invalid_input", "{}", got.1);
+    assert_eq!(got.1["error"]["field"], field, "{}", got.1);
+}
+
+fn names(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|d| d["name"].as_str().unwrap().to_owned()).collect()
+}
+
+fn count(v: &Value) -> usize {
+    v.as_array().unwrap().len()
+}
+
+#[tokio::test]
+async fn every_route_but_health_needs_a_token() {
+    let api = api().await;
+    let zero_token = format!("Bearer ctpf_{}", "0".repeat(64));
+    let mut checked = 0;
+    for (path, item) in &api.spec.paths.paths {
+        let uri = path
+            .replace("{name}", "x")
+            .replace("{id}", "01a1fe3a-fc16-7299-afa0-4bbd2fcb22e5")
+            .replace("{digest}", &ctpf_common::Sha256Digest::of(b"").to_string());
+        let methods = [
+            (Method::GET, item.get.is_some()),
+            (Method::POST, item.post.is_some()),
+            (Method::PUT, item.put.is_some()),
+            (Method::DELETE, item.delete.is_some()),
+        ];
+        for (method, present) in methods {
+            if !present {
+                continue;
+            }
+            for auth in [None, Some("Bearer nope"), Some(zero_token.as_str()), Some("Basic YTpi")] {
+                let mut req = Request::builder().method(method.clone()).uri(&uri);
+                if let Some(auth) = auth {
+                    req = req.header(header::AUTHORIZATION, auth);
+                }
+                let (status, body) = api.raw(req.body(Body::empty()).unwrap()).await;
+                if path == "/healthz" {
+                    assert_eq!(status, StatusCode::OK);
+                } else {
+                    assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {auth:?}");
+                    let body: Value = serde_json::from_slice(&body).unwrap();
+                    assert_eq!(body["error"]["code"], "unauthorized");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 60, "only {checked} route checks");
+}
+
+#[tokio::test]
+async fn bad_input_names_the_field() {
+    let api = api().await;
+    let post = |uri: &'static str, v: Value| api.call(Method::POST, uri, Some(v));
+    assert_invalid(post("/v1/datacenters", json!({"name": "Home"})).await, "name");
+    assert_invalid(
+        post("/v1/datacenters", json!({"name": "home", "tags": ["site"]})).await,
+        "tags[0]",
+    );
+    assert_invalid(post("/v1/datacenters", json!({"name": "home", "extra": 1})).await, "extra");
+    assert_invalid(api.call(Method::GET, "/v1/datacenters?tag=nope", None).await, "tag");
+    assert_invalid(api.call(Method::GET, "/v1/datacenters?colour=red", None).await, "colour");
+    post("/v1/datacenters", json!({"name": "home"})).await;
+    let host = json!({"datacenter": "home", "macs": ["52:54:00:00:00:01", "not-a-mac"]});
+    let (status, body) = post("/v1/hosts", host).await;
+    assert_invalid((status, body.clone()), "macs[1]");
+    assert!(body["error"]["message"].as_str().unwrap().contains("not-a-mac"));
+    assert_invalid(post("/v1/hosts", json!({"datacenter": "home", "macs": []})).await, "macs");
+    assert_invalid(api.call(Method::GET, "/v1/hosts/not-a-uuid", None).await, "id");
+    let key = json!({"name": "k", "public_key": "ssh-ed25519 !!"});
+    assert_invalid(post("/v1/keys", key).await, "public_key");
+    assert_invalid(post("/v1/jobs", json!({"spec": {"kind": "rm-rf"}})).await, "spec.kind");
+    let job = json!({"spec": {"kind": "probe"}, "selector": "a=1,a=2"});
+    assert_invalid(post("/v1/jobs", job).await, "selector");
+    assert_invalid(api.call(Method::GET, "/v1/events?after=-1", None).await, "after");
+    assert_invalid(api.upload("..%2Fetc", "", b"x").await, "name");
+    assert_invalid(api.upload("ok.bin", "?digest=sha256:00", b"x").await, "digest");
+    // Not JSON at all, and the wrong content type.
+    let req = Request::post("/v1/datacenters")
+        .header(header::AUTHORIZATION, format!("Bearer {}", api.token))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from("{"))
+        .unwrap();
+    assert_eq!(api.raw(req).await.0, StatusCode::BAD_REQUEST);
+    let req = Request::post("/v1/datacenters")
+        .header(header::AUTHORIZATION, format!("Bearer {}", api.token))
+        .body(Body::from(r#"{"name":"x"}"#))
+        .unwrap();
+    assert_eq!(api.raw(req).await.0, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn datacenters_round_trip_with_tag_filters() {
+    let api = api().await;
+    let new = json!({"name": "home", "tags": ["site=flat", "tier=lab"]});
+    let (status, dc) = api.call(Method::POST, "/v1/datacenters", Some(new)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(dc["tags"], json!(["site=flat", "tier=lab"]));
+    let rack = json!({"name": "rack", "tags": ["site=dc1", "tier=lab"]});
+    api.call(Method::POST, "/v1/datacenters", Some(rack)).await;
+    let again = api.call(Method::POST, "/v1/datacenters", Some(json!({"name": "home"}))).await;
+    assert_eq!(again.0, StatusCode::CONFLICT);
+
+    let list = |q: &'static str| api.call(Method::GET, q, None);
+    assert_eq!(names(&list("/v1/datacenters").await.1), ["home", "rack"]);
+    assert_eq!(names(&list("/v1/datacenters?tag=site=flat").await.1), ["home"]);
+    assert_eq!(names(&list("/v1/datacenters?tag=tier=lab").await.1), ["home", "rack"]);
+    assert_eq!(names(&list("/v1/datacenters?tag=tier=lab&tag=site=dc1").await.1), ["rack"]);
+    assert!(names(&list("/v1/datacenters?tag=site=mars").await.1).is_empty());
+    assert_eq!(list("/v1/datacenters/home").await.1, dc);
+    assert_eq!(list("/v1/datacenters/nowhere").await.0, StatusCode::NOT_FOUND);
+
+    // A datacenter with hosts is only deleted by force, and takes its hosts with it.
+    let host = json!({"datacenter": "home", "macs": ["52:54:00:00:00:01"]});
+    let (status, host) = api.call(Method::POST, "/v1/hosts", Some(host)).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let delete = |q: &'static str| api.call(Method::DELETE, q, None);
+    assert_eq!(delete("/v1/datacenters/home").await.0, StatusCode::CONFLICT);
+    assert_eq!(delete("/v1/datacenters/home?force=true").await.0, StatusCode::NO_CONTENT);
+    let uri = format!("/v1/hosts/{}", host["id"].as_str().unwrap());
+    assert_eq!(api.call(Method::GET, &uri, None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(delete("/v1/datacenters/rack").await.0, StatusCode::NO_CONTENT);
+    assert_eq!(delete("/v1/datacenters/rack").await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn hosts_round_trip_and_keep_one_identity() {
+    let api = api().await;
+    let post = |uri: &'static str, v: Value| api.call(Method::POST, uri, Some(v));
+    post("/v1/datacenters", json!({"name": "home", "tags": ["site=flat"]})).await;
+    post("/v1/datacenters", json!({"name": "cloud", "tags": ["site=hetzner"]})).await;
+    let uuid = "4c4c4544-0042-3510-8051-b3c04f333231";
+    let new = json!({"datacenter": "home", "hostname": "t410", "macs": ["52-54-00-AA-00-01"],
+        "arch": "x86_64", "smbios_uuid": uuid, "addresses": ["10.0.0.5"], "labels": ["gpu=no"]});
+    let (status, host) = post("/v1/hosts", new).await;
+    assert_eq!(status, StatusCode::CREATED, "{host}");
+    assert_eq!(host["macs"], json!(["52:54:00:aa:00:01"]));
+    assert_eq!(host["state"], "discovered");
+    let uri = format!("/v1/hosts/{}", host["id"].as_str().unwrap());
+    assert_eq!(api.call(Method::GET, &uri, None).await.1, host);
+
+    // The same MAC or SMBIOS UUID cannot become a second host; an unknown datacenter is 404.
+    let same_mac = json!({"datacenter": "home", "macs": ["52:54:00:aa:00:01"]});
+    assert_eq!(post("/v1/hosts", same_mac).await.0, StatusCode::CONFLICT);
+    let same_uuid = json!({"datacenter": "home", "smbios_uuid": uuid});
+    assert_eq!(post("/v1/hosts", same_uuid).await.0, StatusCode::CONFLICT);
+    let nowhere = json!({"datacenter": "mars", "macs": ["52:54:00:aa:00:09"]});
+    assert_eq!(post("/v1/hosts", nowhere).await.0, StatusCode::NOT_FOUND);
+    post("/v1/hosts", json!({"datacenter": "cloud", "macs": ["52:54:00:bb:00:01"]})).await;
+
+    // Filters: a host matches its own labels and its datacenter's tags.
+    let list = |q: &'static str| api.call(Method::GET, q, None);
+    assert_eq!(count(&list("/v1/hosts").await.1), 2);
+    assert_eq!(count(&list("/v1/hosts?tag=site=flat").await.1), 1);
+    assert_eq!(count(&list("/v1/hosts?tag=gpu=no").await.1), 1);
+    assert_eq!(count(&list("/v1/hosts?tag=site=flat&tag=gpu=yes").await.1), 0);
+    assert_eq!(count(&list("/v1/hosts?datacenter=cloud").await.1), 1);
+
+    assert_eq!(api.call(Method::DELETE, &uri, None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(api.call(Method::GET, &uri, None).await.0, StatusCode::NOT_FOUND);
+}
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@laptop";
+
+#[tokio::test]
+async fn keys_round_trip() {
+    let api = api().await;
+    let dc = json!({"name": "home", "tags": ["site=flat"]});
+    api.call(Method::POST, "/v1/datacenters", Some(dc)).await;
+    let new = json!({"name": "admin", "public_key": KEY, "datacenter": "home"});
+    let (status, key) = api.call(Method::POST, "/v1/keys", Some(new)).await;
+    assert_eq!(status, StatusCode::CREATED, "{key}");
+    assert!(key["fingerprint"].as_str().unwrap().starts_with("SHA256:"));
+    assert_eq!(key["public_key"], KEY);
+    assert_eq!(api.call(Method::GET, "/v1/keys/admin", None).await.1, key);
+    let dup = json!({"name": "admin", "public_key": KEY});
+    assert_eq!(api.call(Method::POST, "/v1/keys", Some(dup)).await.0, StatusCode::CONFLICT);
+    assert_eq!(count(&api.call(Method::GET, "/v1/keys?tag=site=flat", None).await.1), 1);
+    assert_eq!(count(&api.call(Method::GET, "/v1/keys?tag=site=moon", None).await.1), 0);
+    assert_eq!(api.call(Method::DELETE, "/v1/keys/admin", None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(api.call(Method::GET, "/v1/keys/admin", None).await.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn artifacts_upload_download_and_verify() {
+    let api = api().await;
+    let data = b"#!ipxe\necho hello\n".repeat(1000);
+    let (status, art) = api.upload("hello.ipxe", "?kind=script&tag=arch=x86_64", &data).await;
+    assert_eq!(status, StatusCode::CREATED, "{art}");
+    let digest = ctpf_common::Sha256Digest::of(&data).to_string();
+    assert_eq!(art["digest"], digest);
+    assert_eq!(art["size"], data.len());
+    assert_eq!(art["kind"], "script");
+
+    let response = api.router.clone().oneshot(api.get("/v1/artifacts/hello.ipxe/content")).await;
+    let response = response.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()[header::ETAG], format!("\"{digest}\""));
+    assert_eq!(response.headers()[header::CONTENT_LENGTH], data.len().to_string());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.as_ref(), data.as_slice());
+    let (status, bytes) = api.raw(api.get(&format!("/v1/blobs/{digest}"))).await;
+    assert_eq!((status, bytes.as_slice()), (StatusCode::OK, data.as_slice()));
+
+    // A wrong expected digest stores nothing and keeps the old version of the name.
+    let wrong = ctpf_common::Sha256Digest::of(b"other").to_string();
+    let query = format!("?digest={wrong}");
+    assert_invalid(api.upload("hello.ipxe", &query, b"new content").await, "digest");
+    let current = api.call(Method::GET, "/v1/artifacts/hello.ipxe", None).await.1;
+    assert_eq!(current["digest"], digest);
+    // The right one is accepted.
+    let new = ctpf_common::Sha256Digest::of(b"new content").to_string();
+    let query = format!("?digest={new}&tag=arch=x86_64");
+    assert_eq!(api.upload("hello.ipxe", &query, b"new content").await.1["digest"], new);
+
+    api.upload("vmlinuz", "?kind=kernel", b"kernel").await;
+    let list = |q: &'static str| api.call(Method::GET, q, None);
+    assert_eq!(names(&list("/v1/artifacts").await.1), ["hello.ipxe", "vmlinuz"]);
+    assert_eq!(names(&list("/v1/artifacts?kind=kernel").await.1), ["vmlinuz"]);
+    assert_eq!(names(&list("/v1/artifacts?tag=arch=x86_64").await.1), ["hello.ipxe"]);
+    assert_invalid(list("/v1/artifacts?kind=floppy").await, "kind");
+    assert_eq!(
+        api.call(Method::DELETE, "/v1/artifacts/vmlinuz", None).await.0,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(api.raw(api.get("/v1/artifacts/vmlinuz/content")).await.0, StatusCode::NOT_FOUND);
+    // Content stays addressable by digest after its name is gone.
+    let kernel = format!("/v1/blobs/{}", ctpf_common::Sha256Digest::of(b"kernel"));
+    assert_eq!(api.raw(api.get(&kernel)).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn jobs_and_events_round_trip() {
+    let api = api().await;
+    let dc = json!({"name": "home", "tags": ["site=flat"]});
+    api.call(Method::POST, "/v1/datacenters", Some(dc)).await;
+    let new = json!({"spec": {"kind": "probe", "sleep_ms": 5}, "selector": "datacenter=home"});
+    let (status, job) = api.call(Method::POST, "/v1/jobs", Some(new)).await;
+    assert_eq!(status, StatusCode::CREATED, "{job}");
+    assert_eq!(job["status"], "queued");
+    let uri = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
+    assert_eq!(api.call(Method::GET, &uri, None).await.1, job);
+    api.call(Method::POST, "/v1/jobs", Some(json!({"spec": {"kind": "probe"}}))).await;
+    let list = |q: &'static str| api.call(Method::GET, q, None);
+    assert_eq!(count(&list("/v1/jobs").await.1), 2);
+    assert_eq!(count(&list("/v1/jobs?tag=site=flat").await.1), 1);
+    assert_eq!(count(&list("/v1/jobs?datacenter=home").await.1), 1);
+
+    let (_, events) = list("/v1/events").await;
+    let types: Vec<_> =
+        events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(types, ["datacenter_created", "job_queued", "job_queued"]);
+    assert_eq!(count(&list("/v1/events?tag=site=flat").await.1), 2);
+    assert_eq!(count(&list("/v1/events?after=2").await.1), 1);
+    assert_eq!(count(&list("/v1/events?after=3&wait=1").await.1), 0);
+}
+
+/// The checked-in OpenAPI document must match what the router implements. After an
+/// intended API change, regenerate it with `UPDATE_OPENAPI=1 cargo test -p ctpf --test api`.
+#[tokio::test]
+async fn openapi_document_matches_the_routes() {
+    let api = api().await;
+    let generated = serde_json::to_string_pretty(&api.spec).unwrap() + "\n";
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("openapi.json");
+    if std::env::var_os("UPDATE_OPENAPI").is_some() {
+        std::fs::write(&path, &generated).unwrap();
+    }
+    let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        checked_in == generated,
+        "manager/openapi.json is out of date with the routes; run \
+         UPDATE_OPENAPI=1 cargo test -p ctpf --test api and review the diff"
+    );
+    // And the router serves the same document.
+    let req = Request::get("/openapi.json").body(Body::empty()).unwrap();
+    let (status, body) = api.raw(req).await;
+    assert_eq!(status, StatusCode::OK);
+    let served: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(served, serde_json::from_str::<Value>(&generated).unwrap());
+}

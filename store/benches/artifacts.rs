@@ -1,0 +1,369 @@
+//! Throughput and peak memory of `FsArtifactStore` on a 1 GiB blob of pseudo-random bytes,
+//! against `cp` of the same file on the same filesystem:
+//! - `cp SRC DST`, and `cp SRC DST && sync DST` (the store fsyncs, so that is the fair peer);
+//! - `put` of SRC opened as a `tokio::fs::File`;
+//! - `get`, copied with `tokio::io::copy` into a new `tokio::fs::File`, timed without and
+//!   with the final `sync_all`.
+//!
+//! `put` and `get` run in child processes (this binary re-executed with `CTPF_BENCH_ROLE`), so
+//! the peak RSS each child reports (`VmHWM`) is the store's alone. Every measurement is taken
+//! `ROUNDS` times, interleaved, and the median reported; the source file is generated once
+//! and stays in the page cache, as it does for `cp`. The files live under a temporary
+//! directory in `/var/tmp` (or `CTPF_BENCH_DIR`), which must not be a tmpfs.
+//!
+//! Run with `cargo bench -p ctpf-store --bench artifacts`. Misses are reported, not failed.
+
+use std::{
+    collections::HashMap,
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+    time::Instant,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use ctpf_common::Sha256Digest;
+use ctpf_store::artifacts::{ArtifactStore, FsArtifactStore};
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncWriteExt as _;
+
+const SIZE: u64 = 1 << 30;
+const ROUNDS: usize = 3;
+/// Throughput targets, as a fraction of the `cp` peer's.
+const MIN_RATIO: f64 = 0.8;
+/// Peak RSS target for a `put` or `get` of `SIZE` bytes.
+const MAX_PEAK_KIB: u64 = 64 * 1024;
+
+const ROLE: &str = "CTPF_BENCH_ROLE";
+const STORE: &str = "CTPF_BENCH_STORE";
+const SRC: &str = "CTPF_BENCH_SRC";
+const OUT: &str = "CTPF_BENCH_OUT";
+const DIGEST: &str = "CTPF_BENCH_DIGEST";
+
+fn main() -> Result<()> {
+    match std::env::var(ROLE).ok().as_deref() {
+        None => parent(),
+        Some("put") => child(child_put),
+        Some("get") => child(child_get),
+        Some(other) => bail!("unknown {ROLE}={other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Children: one `put` or `get`, reported as `key=value` lines on stdout.
+
+fn env_path(name: &str) -> Result<PathBuf> {
+    std::env::var_os(name).map(PathBuf::from).with_context(|| format!("{name} is not set"))
+}
+
+/// A field of `/proc/self/status`, in KiB.
+fn proc_status_kib(field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .with_context(|| format!("no {field} in /proc/self/status"))?;
+    let kib = line.trim().trim_end_matches("kB").trim();
+    kib.parse().with_context(|| format!("{field}: {line}"))
+}
+
+fn child(run: fn() -> Result<Vec<(&'static str, String)>>) -> Result<()> {
+    let rss_start = proc_status_kib("VmRSS")?;
+    let fields = run()?;
+    let hwm = proc_status_kib("VmHWM")?;
+    let mut out = std::io::stdout().lock();
+    for (key, value) in fields {
+        writeln!(out, "{key}={value}")?;
+    }
+    writeln!(out, "rss_start_kib={rss_start}")?;
+    writeln!(out, "hwm_kib={hwm}")?;
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn child_put() -> Result<Vec<(&'static str, String)>> {
+    let (root, src) = (env_path(STORE)?, env_path(SRC)?);
+    runtime()?.block_on(async {
+        let store = FsArtifactStore::open(root).await?;
+        let start = Instant::now();
+        let file = tokio::fs::File::open(&src).await?;
+        let info = store.put(Box::pin(file), None).await?;
+        let secs = start.elapsed().as_secs_f64();
+        Ok(vec![
+            ("secs", secs.to_string()),
+            ("digest", info.digest.to_string()),
+            ("size", info.size.to_string()),
+        ])
+    })
+}
+
+fn child_get() -> Result<Vec<(&'static str, String)>> {
+    let (root, out) = (env_path(STORE)?, env_path(OUT)?);
+    let digest: Sha256Digest = std::env::var(DIGEST)?.parse()?;
+    runtime()?.block_on(async {
+        let store = FsArtifactStore::open(root).await?;
+        let start = Instant::now();
+        let mut blob = store.get(&digest).await?;
+        let mut file = tokio::fs::File::create(&out).await?;
+        let copied = tokio::io::copy(&mut blob.reader, &mut file).await?;
+        file.flush().await?;
+        let copy_secs = start.elapsed().as_secs_f64();
+        file.sync_all().await?;
+        let secs = start.elapsed().as_secs_f64();
+        ensure!(copied == blob.size, "copied {copied} of {} bytes", blob.size);
+        Ok(vec![("copy_secs", copy_secs.to_string()), ("secs", secs.to_string())])
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Parent: generate the file, run the rounds, report.
+
+/// Runs this binary as a child in `role`; returns its `key=value` report.
+fn run_child(role: &str, env: &[(&str, &Path)]) -> Result<HashMap<String, String>> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.env(ROLE, role);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let output = cmd.output()?;
+    ensure!(
+        output.status.success(),
+        "{role} child failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
+}
+
+fn field<T: std::str::FromStr>(report: &HashMap<String, String>, key: &str) -> Result<T>
+where
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    Ok(report.get(key).with_context(|| format!("child did not report {key}"))?.parse()?)
+}
+
+/// Runs a command to completion and returns its wall time.
+fn timed(program: &str, args: &[&str]) -> Result<f64> {
+    let start = Instant::now();
+    let status = Command::new(program).args(args).status()?;
+    let secs = start.elapsed().as_secs_f64();
+    ensure!(status.success(), "{program} {args:?}: {status}");
+    Ok(secs)
+}
+
+/// Flushes every dirty page, so one measurement's writeback does not land in the next.
+fn sync_all_filesystems() -> Result<()> {
+    let status = Command::new("sync").status()?;
+    ensure!(status.success(), "sync: {status}");
+    Ok(())
+}
+
+fn path_str(path: &Path) -> Result<&str> {
+    path.to_str().with_context(|| format!("non-UTF-8 path {}", path.display()))
+}
+
+/// Writes `size` xorshift bytes to `path` and fsyncs it.
+fn generate(path: &Path, size: u64) -> Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut left = size;
+    while left > 0 {
+        for word in buf.chunks_exact_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64);
+        file.write_all(&buf[..n as usize])?;
+        left -= n;
+    }
+    file.sync_all()?;
+    Ok(())
+}
+
+/// In-memory SHA-256 throughput, to tell hashing cost from I/O cost.
+fn sha256_mb_per_s() -> f64 {
+    let data = vec![0x5au8; 64 << 20];
+    let start = Instant::now();
+    let digest = Sha256::digest(&data);
+    let secs = start.elapsed().as_secs_f64();
+    std::hint::black_box(digest);
+    mb_per_s(data.len() as u64, secs)
+}
+
+fn mb_per_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / 1e6 / secs
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[sorted.len() / 2]
+}
+
+fn mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "MISSED" }
+}
+
+#[derive(Default)]
+struct Samples {
+    cp: Vec<f64>,
+    cp_sync: Vec<f64>,
+    put: Vec<f64>,
+    get_copy: Vec<f64>,
+    get: Vec<f64>,
+    put_hwm: Vec<u64>,
+    get_hwm: Vec<u64>,
+    rss_start: Vec<u64>,
+}
+
+impl Samples {
+    fn line(&self, name: &str, secs: &[f64]) -> String {
+        let rounds: Vec<String> =
+            secs.iter().map(|s| format!("{:.0}", mb_per_s(SIZE, *s))).collect();
+        let m = median(secs);
+        format!(
+            "  {name:<22} {m:>6.2} s  {:>6.0} MB/s   (rounds: {} MB/s)",
+            mb_per_s(SIZE, m),
+            rounds.join(", ")
+        )
+    }
+}
+
+fn parent() -> Result<()> {
+    let base = std::env::var_os("CTPF_BENCH_DIR").map_or_else(|| "/var/tmp".into(), PathBuf::from);
+    let dir = tempfile::Builder::new().prefix("ctpf-artifacts-bench-").tempdir_in(&base)?;
+    let result = bench(dir.path());
+    // The files are removed by `dir`'s drop whatever happened.
+    drop(dir);
+    result
+}
+
+fn bench(dir: &Path) -> Result<()> {
+    let fs_type = Command::new("stat").args(["-f", "-c", "%T", path_str(dir)?]).output()?;
+    let fs_type = String::from_utf8_lossy(&fs_type.stdout).trim().to_owned();
+    ensure!(fs_type != "tmpfs", "{} is on a tmpfs; set CTPF_BENCH_DIR to a disk", dir.display());
+    let src = dir.join("src.bin");
+    let cp_dst = dir.join("cp.bin");
+    let get_out = dir.join("get.bin");
+
+    println!("FsArtifactStore vs cp, {} bytes (1 GiB) of pseudo-random data", SIZE);
+    println!("  directory {} ({fs_type}); source, copies and store all there", dir.display());
+    let start = Instant::now();
+    generate(&src, SIZE)?;
+    println!("  generated the source in {:.1} s", start.elapsed().as_secs_f64());
+    println!("  in-memory SHA-256: {:.0} MB/s", sha256_mb_per_s());
+
+    let (src_s, cp_s) = (path_str(&src)?, path_str(&cp_dst)?);
+    let mut samples = Samples::default();
+    let mut digest: Option<String> = None;
+    for round in 0..ROUNDS {
+        sync_all_filesystems()?;
+        samples.cp.push(timed("cp", &[src_s, cp_s])?);
+        std::fs::remove_file(&cp_dst)?;
+        sync_all_filesystems()?;
+        samples
+            .cp_sync
+            .push(timed("sh", &["-c", r#"cp "$1" "$2" && sync "$2""#, "sh", src_s, cp_s])?);
+        std::fs::remove_file(&cp_dst)?;
+        sync_all_filesystems()?;
+
+        let store = dir.join(format!("store-{round}"));
+        let put = run_child("put", &[(STORE, &store), (SRC, &src)])?;
+        samples.put.push(field(&put, "secs")?);
+        samples.put_hwm.push(field(&put, "hwm_kib")?);
+        samples.rss_start.push(field(&put, "rss_start_kib")?);
+        ensure!(field::<u64>(&put, "size")? == SIZE, "put stored the wrong size");
+        let put_digest: String = field(&put, "digest")?;
+        match &digest {
+            Some(d) => ensure!(*d == put_digest, "digest changed: {d} then {put_digest}"),
+            None => digest = Some(put_digest.clone()),
+        }
+        sync_all_filesystems()?;
+
+        let digest_path = PathBuf::from(&put_digest);
+        let get = run_child("get", &[(STORE, &store), (OUT, &get_out), (DIGEST, &digest_path)])?;
+        samples.get_copy.push(field(&get, "copy_secs")?);
+        samples.get.push(field(&get, "secs")?);
+        samples.get_hwm.push(field(&get, "hwm_kib")?);
+        if round == 0 {
+            let same = Command::new("cmp").args(["-s", src_s, path_str(&get_out)?]).status()?;
+            ensure!(same.success(), "get returned different bytes from what was put");
+        }
+        std::fs::remove_file(&get_out)?;
+        std::fs::remove_dir_all(&store)?;
+    }
+
+    let s = &samples;
+    let rate = |secs: &[f64]| mb_per_s(SIZE, median(secs));
+    let (cp, cp_sync) = (rate(&s.cp), rate(&s.cp_sync));
+    let (put, get_copy, get) = (rate(&s.put), rate(&s.get_copy), rate(&s.get));
+    let put_hwm = s.put_hwm.iter().copied().max().unwrap_or(0);
+    let get_hwm = s.get_hwm.iter().copied().max().unwrap_or(0);
+    let rss_start = s.rss_start.iter().copied().max().unwrap_or(0);
+
+    println!();
+    println!("median of {ROUNDS} interleaved rounds (MB = 10^6 bytes):");
+    println!("{}", s.line("cp", &s.cp));
+    println!("{}", s.line("cp + sync", &s.cp_sync));
+    println!("{}", s.line("store put (fsynced)", &s.put));
+    println!("{}", s.line("store get, no sync", &s.get_copy));
+    println!("{}", s.line("store get + sync_all", &s.get));
+    println!();
+    println!(
+        "fs put 1 GiB: {put:.0} MB/s (cp {cp:.0} MB/s, ratio {:.2}; cp+sync {cp_sync:.0} MB/s, \
+         ratio {:.2}), peak RSS {:.1} MiB",
+        put / cp,
+        put / cp_sync,
+        mib(put_hwm)
+    );
+    println!(
+        "fs get 1 GiB: {get_copy:.0} MB/s without sync (cp {cp:.0} MB/s, ratio {:.2}); \
+         {get:.0} MB/s with sync_all (cp+sync {cp_sync:.0} MB/s, ratio {:.2}), peak RSS {:.1} MiB",
+        get_copy / cp,
+        get / cp_sync,
+        mib(get_hwm)
+    );
+    println!(
+        "  (peak RSS is the child's VmHWM; the child starts at {:.1} MiB before the store runs)",
+        mib(rss_start)
+    );
+    println!();
+    println!("targets:");
+    println!(
+        "  put >= {MIN_RATIO}x cp:        {} ({:.2}x; {:.2}x of cp+sync, which also fsyncs)",
+        verdict(put / cp >= MIN_RATIO),
+        put / cp,
+        put / cp_sync
+    );
+    println!(
+        "  get >= {MIN_RATIO}x cp:        {} ({:.2}x without sync; {:.2}x of cp+sync with sync_all)",
+        verdict(get_copy / cp >= MIN_RATIO),
+        get_copy / cp,
+        get / cp_sync
+    );
+    println!(
+        "  put peak RSS < 64 MiB: {} ({:.1} MiB)",
+        verdict(put_hwm < MAX_PEAK_KIB),
+        mib(put_hwm)
+    );
+    println!(
+        "  get peak RSS < 64 MiB: {} ({:.1} MiB)",
+        verdict(get_hwm < MAX_PEAK_KIB),
+        mib(get_hwm)
+    );
+    Ok(())
+}
