@@ -74,8 +74,9 @@ impl RedisServer {
     }
 
     fn spawn(&mut self) -> Result<()> {
-        let binary = which("redis-server")
-            .context("redis-server is not installed (apt-get install redis-server; .ci/run does this)")?;
+        let binary = which("redis-server").context(
+            "redis-server is not installed (apt-get install redis-server; .ci/run does this)",
+        )?;
         let log = self.dir.path().join("redis.log");
         let mut child = Command::new(binary)
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
@@ -139,7 +140,9 @@ impl S3Server {
             cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
             (cmd, "moto")
         } else {
-            bail!("no S3 test server: install s3s-fs (cargo install s3s-fs) or moto (pip install 'moto[server]'); .ci/run does this");
+            bail!(
+                "no S3 test server: install s3s-fs (cargo install s3s-fs) or moto (pip install 'moto[server]'); .ci/run does this"
+            );
         };
         let mut child = cmd
             .stdin(Stdio::null())
@@ -154,4 +157,134 @@ impl S3Server {
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
+}
+
+/// The `ctpf` binary under test: `$CTPF_BIN`, or the one cargo built next to this test
+/// executable (`target/<profile>/ctpf`; `cargo test --workspace` builds it).
+pub fn ctpf_binary() -> Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("CTPF_BIN") {
+        return Ok(PathBuf::from(bin));
+    }
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/ctpf
+    let profile_dir = exe.parent().and_then(Path::parent).context("odd test executable path")?;
+    let bin = profile_dir.join("ctpf");
+    if !bin.is_file() {
+        bail!("{} not found; build it first (cargo build -p ctpf) or set CTPF_BIN", bin.display());
+    }
+    Ok(bin)
+}
+
+/// A running `ctpf` server process (`up`, `manager` or `worker`). Its stdout is read for the
+/// "listening on" line; stderr goes to a log file that failed tests print. Killed on drop.
+#[derive(Debug)]
+pub struct CtpfProcess {
+    child: Option<Child>,
+    pub api: Option<String>,
+    pub log: PathBuf,
+    stdout: std::sync::mpsc::Receiver<String>,
+}
+
+impl CtpfProcess {
+    /// Starts `ctpf ARGS...` with extra environment; waits for `ready` on stdout (e.g.
+    /// "listening on" for servers, "ready" for workers).
+    pub fn start(args: &[&str], env: &[(&str, &str)], log: PathBuf, ready: &str) -> Result<Self> {
+        let mut cmd = Command::new(ctpf_binary()?);
+        cmd.args(args)
+            .envs(env.iter().copied())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?);
+        let mut child = cmd.spawn().context("starting ctpf")?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut process = Self { child: Some(child), api: None, log, stdout: rx };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match process.stdout.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(line) => {
+                    if let Some(rest) = line.strip_prefix("listening on ")
+                        && rest.ends_with("(api)")
+                    {
+                        process.api = rest.split_whitespace().next().map(str::to_owned);
+                    }
+                    if line.contains(ready) {
+                        return Ok(process);
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = process.child.as_mut().map(|c| c.wait()).transpose()?;
+                    bail!("ctpf exited ({status:?}) before {ready:?}:\n{}", process.log_text());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("ctpf did not print {ready:?} within 60 s:\n{}", process.log_text());
+            }
+        }
+    }
+
+    pub fn api(&self) -> &str {
+        self.api.as_deref().unwrap_or_default()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Sends SIGTERM and waits for a clean exit; returns whether the exit status was success.
+    pub fn terminate(&mut self) -> Result<bool> {
+        let Some(mut child) = self.child.take() else { return Ok(true) };
+        Command::new("kill").args(["-TERM", &child.id().to_string()]).status()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("ctpf did not stop within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or clean up, like a power cut of the process.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for CtpfProcess {
+    fn drop(&mut self) {
+        let _ = self.kill9();
+    }
+}
+
+/// Runs a `ctpf` client command to completion.
+pub fn ctpf_cli(args: &[&str], env: &[(&str, &str)]) -> Result<std::process::Output> {
+    Ok(Command::new(ctpf_binary()?)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()?)
 }

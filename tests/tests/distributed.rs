@@ -1,0 +1,171 @@
+//! The distributed mode: `ctpf manager` and separate `ctpf worker` processes talking through a
+//! real redis-server. A worker killed mid-job loses the job to another worker with matching
+//! tags, the job completes exactly once, jobs nobody matches stay queued, and jobs survive a
+//! Redis restart.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::time::{Duration, Instant};
+
+use ctpf_e2e::{CtpfProcess, RedisServer};
+use serde_json::{Value, json};
+
+struct Site {
+    dir: tempfile::TempDir,
+    redis: RedisServer,
+    manager: CtpfProcess,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Site {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start().unwrap();
+        let manager = Self::start_manager(&dir, &redis, "manager.log");
+        let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
+        Self { dir, redis, manager, token: token.trim().to_owned(), http: reqwest::Client::new() }
+    }
+
+    fn start_manager(dir: &tempfile::TempDir, redis: &RedisServer, log: &str) -> CtpfProcess {
+        let data = dir.path().join("data");
+        let args = ["manager", "--redis", &redis.url(), "--data-dir", data.to_str().unwrap()];
+        let args = [&args[..], &["--listen", "127.0.0.1:0"]].concat();
+        CtpfProcess::start(&args, &[], dir.path().join(log), "listening on").unwrap()
+    }
+
+    fn worker(&self, id: &str, datacenter: &str, tags: &[&str]) -> CtpfProcess {
+        let url = self.redis.url();
+        let mut args = vec!["worker", "--redis", &url, "--datacenter", datacenter];
+        args.extend(["--id", id, "--role", "builder", "--job-lease", "2"]);
+        for t in tags {
+            args.extend(["--tag", t]);
+        }
+        let log = self.dir.path().join(format!("{id}.log"));
+        CtpfProcess::start(&args, &[], log, "ready").unwrap()
+    }
+
+    async fn submit(&self, selector: &str, sleep_ms: u64) -> String {
+        let job: Value = self
+            .http
+            .post(format!("{}/v1/jobs", self.manager.api()))
+            .bearer_auth(&self.token)
+            .json(&json!({"spec": {"kind": "probe", "sleep_ms": sleep_ms}, "selector": selector}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        job["id"].as_str().unwrap_or_else(|| panic!("no job id in {job}")).to_owned()
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let url = format!("{}{path}", self.manager.api());
+        self.http.get(url).bearer_auth(&self.token).send().await.unwrap().json().await.unwrap()
+    }
+
+    async fn job_events(&self, job_id: &str) -> Vec<Value> {
+        let events = self.get("/v1/events?limit=1000").await;
+        events.as_array().unwrap().iter().filter(|e| e["job_id"] == job_id).cloned().collect()
+    }
+
+    /// Waits until `check` holds for the job's record, failing with the logs after `limit`.
+    async fn wait_for_job(
+        &self,
+        job_id: &str,
+        limit: Duration,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let job = self.get(&format!("/v1/jobs/{job_id}")).await;
+            if check(&job) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job never reached the state: {job}\n{}",
+                self.manager.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_worker_dies_is_redelivered_and_completes_once() {
+    let site = Site::start().await;
+    let mut first = site.worker("w1", "dc-a", &["pool=x"]);
+    let mut second = site.worker("w2", "dc-a", &["pool=x"]);
+    // A worker of another datacenter must never take dc-a's job.
+    let _other = site.worker("w3", "dc-b", &["pool=x"]);
+
+    let job = site.submit("datacenter=dc-a,pool=x,role=builder", 4000).await;
+    let unmatched = site.submit("datacenter=dc-z", 0).await;
+
+    // Whoever takes it first is killed mid-job.
+    let running =
+        site.wait_for_job(&job, Duration::from_secs(30), |j| j["status"] == "running").await;
+    let holder = running["worker"].as_str().unwrap().to_owned();
+    let (victim, survivor) = if holder == "w1" { (&mut first, "w2") } else { (&mut second, "w1") };
+    victim.kill9().unwrap();
+
+    let done =
+        site.wait_for_job(&job, Duration::from_secs(60), |j| j["status"] == "succeeded").await;
+    assert_eq!(done["worker"], survivor, "{done}");
+    assert_eq!(done["attempts"], 2, "{done}");
+
+    let events = site.job_events(&job).await;
+    let started: Vec<_> = events
+        .iter()
+        .filter(|e| e["type"] == "job_started")
+        .map(|e| (e["worker"].as_str().unwrap(), e["attempt"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(started, [(holder.as_str(), 1), (survivor, 2)], "{events:?}");
+    let succeeded = events.iter().filter(|e| e["type"] == "job_succeeded").count();
+    assert_eq!(succeeded, 1, "{events:?}");
+    assert!(
+        events.iter().all(|e| e["worker"] != "w3"),
+        "dc-b's worker took dc-a's job: {events:?}"
+    );
+
+    // Nobody serves dc-z: that job is still queued, untouched.
+    let waiting = site.get(&format!("/v1/jobs/{unmatched}")).await;
+    assert_eq!(waiting["status"], "queued", "{waiting}");
+    assert_eq!(waiting["attempts"], 0, "{waiting}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_jobs_survive_a_redis_restart() {
+    let mut site = Site::start().await;
+    // No worker yet: the jobs wait in Redis.
+    let mut jobs = Vec::new();
+    for _ in 0..20 {
+        jobs.push(site.submit("datacenter=dc-a", 0).await);
+    }
+    site.redis.restart().unwrap();
+    let _worker = site.worker("w1", "dc-a", &[]);
+    for job in &jobs {
+        site.wait_for_job(job, Duration::from_secs(60), |j| j["status"] == "succeeded").await;
+    }
+    for job in &jobs {
+        let events = site.job_events(job).await;
+        assert_eq!(events.iter().filter(|e| e["type"] == "job_succeeded").count(), 1, "{events:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_wait_for_a_stopped_manager() {
+    let mut site = Site::start().await;
+    let _worker = site.worker("w1", "dc-a", &[]);
+    let job = site.submit("datacenter=dc-a", 1500).await;
+    site.wait_for_job(&job, Duration::from_secs(30), |j| j["status"] == "running").await;
+    // The manager goes away while the job runs; the worker's report waits in Redis.
+    assert!(site.manager.terminate().unwrap());
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    site.manager = Site::start_manager(&site.dir, &site.redis, "manager2.log");
+    let done =
+        site.wait_for_job(&job, Duration::from_secs(30), |j| j["status"] == "succeeded").await;
+    assert_eq!(done["worker"], "w1");
+}
