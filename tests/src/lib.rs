@@ -108,14 +108,15 @@ impl RedisServer {
     }
 }
 
-/// A private S3-compatible server: `s3s-fs` if installed (it checks SigV4 signatures),
-/// otherwise `moto_server`.
+/// A private S3-compatible server: `s3s-fs`, a filesystem-backed S3 implementation that
+/// checks SigV4 signatures and supports multipart uploads. (moto 5.2 was tried too: it answers
+/// CompleteMultipartUpload with a `CompleteMultipartUploadResponse` root that aws-sdk-s3
+/// rejects, so it cannot stand in for MinIO here.)
 #[derive(Debug)]
 pub struct S3Server {
     _proc: Proc,
     port: u16,
     _dir: tempfile::TempDir,
-    pub flavor: &'static str,
 }
 
 impl S3Server {
@@ -123,35 +124,26 @@ impl S3Server {
     pub const SECRET_KEY: &'static str = "testingsecret";
 
     pub fn start() -> Result<Self> {
+        let binary = which("s3s-fs").context(
+            "s3s-fs is not installed (cargo install --locked s3s-fs@0.14.1 --features binary; .ci/run does this)",
+        )?;
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let log = dir.path().join("s3.log");
         let log_file = std::fs::File::create(&log)?;
-        let (mut cmd, flavor) = if let Some(s3s) = which("s3s-fs") {
-            let root = dir.path().join("data");
-            std::fs::create_dir_all(&root)?;
-            let mut cmd = Command::new(s3s);
-            cmd.args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--access-key", Self::ACCESS_KEY, "--secret-key", Self::SECRET_KEY])
-                .arg(root);
-            (cmd, "s3s-fs")
-        } else if let Some(moto) = which("moto_server") {
-            let mut cmd = Command::new(moto);
-            cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
-            (cmd, "moto")
-        } else {
-            bail!(
-                "no S3 test server: install s3s-fs (cargo install s3s-fs) or moto (pip install 'moto[server]'); .ci/run does this"
-            );
-        };
-        let mut child = cmd
+        let root = dir.path().join("data");
+        std::fs::create_dir_all(&root)?;
+        let mut child = Command::new(binary)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--access-key", Self::ACCESS_KEY, "--secret-key", Self::SECRET_KEY])
+            .arg(root)
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file)
             .spawn()
-            .with_context(|| format!("starting {flavor}"))?;
-        wait_for_port(&mut child, port, flavor, &log)?;
-        Ok(Self { _proc: Proc(child), port, _dir: dir, flavor })
+            .context("starting s3s-fs")?;
+        wait_for_port(&mut child, port, "s3s-fs", &log)?;
+        Ok(Self { _proc: Proc(child), port, _dir: dir })
     }
 
     pub fn endpoint(&self) -> String {
