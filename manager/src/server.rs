@@ -12,6 +12,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use ctpf_bus::{Bus, BusConfig, MemoryBus, RedisBus};
 use ctpf_common::WorkerIdentity;
+use ctpf_distributors::jobs::WorkerConfig;
 use ctpf_registries::{Registry, TokenRole, generate_token};
 use ctpf_store::{
     artifacts::{ArtifactStore, FsArtifactStore, S3ArtifactStore, S3Config},
@@ -89,17 +90,25 @@ pub async fn ensure_admin_token(registry: &Registry, data_dir: &Path) -> Result<
     Ok(path)
 }
 
-/// Applies workers' reports to the registries until shutdown; acknowledges each report only
-/// after it is applied, so none is lost if the manager stops in between.
-pub async fn ingest_reports(registry: Registry, consumer: String, shutdown: CancellationToken) {
+/// Applies workers' reports to the registries; acknowledges each report only after it is
+/// applied, so none is lost if the manager stops in between. When `stop` is cancelled it
+/// drains the reports already sent (the local worker's last ones) and returns.
+pub async fn ingest_reports(registry: Registry, consumer: String, stop: CancellationToken) {
     let bus = registry.bus().clone();
-    while !shutdown.is_cancelled() {
+    loop {
+        let stopping = stop.is_cancelled();
+        let wait = if stopping { Duration::ZERO } else { Duration::from_secs(1) };
         let batch = tokio::select! {
-            b = bus.next_reports(&consumer, 256, Duration::from_secs(1)) => b,
-            () = shutdown.cancelled() => break,
+            b = bus.next_reports(&consumer, 256, wait) => b,
+            () = stop.cancelled(), if !stopping => continue,
         };
         let reports = match batch {
+            Ok(r) if r.is_empty() && stopping => return,
             Ok(r) => r,
+            Err(e) if stopping => {
+                tracing::warn!(error = %e, "cannot read reports while stopping; they stay on the bus");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read reports; retrying in 1 s");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -107,12 +116,14 @@ pub async fn ingest_reports(registry: Registry, consumer: String, shutdown: Canc
             }
         };
         let mut applied = Vec::with_capacity(reports.len());
+        let mut failed = false;
         for report in reports {
             match registry.apply_report(report.event).await {
                 Ok(_) => applied.push(report.receipt),
                 Err(e) => {
                     // Leave it unacknowledged; it comes back on the next read.
                     tracing::warn!(error = %e, "could not apply a report; will retry");
+                    failed = true;
                     break;
                 }
             }
@@ -121,6 +132,9 @@ pub async fn ingest_reports(registry: Registry, consumer: String, shutdown: Canc
             && let Err(e) = bus.ack_reports(&applied).await
         {
             tracing::warn!(error = %e, "could not acknowledge reports; they will be applied again");
+        }
+        if failed && stopping {
+            return;
         }
     }
 }
@@ -189,20 +203,23 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
     }
 
     let listener = bind(plane.api, "api").await?;
-    let mut tasks = tokio::task::JoinSet::new();
+    let stop_ingest = CancellationToken::new();
     let consumer = format!("manager-{}", std::process::id());
-    tasks.spawn(ingest_reports(registry.clone(), consumer, shutdown.clone()));
-    if let Some(identity) = plane.local_worker {
-        let config = ctpf_distributors::jobs::WorkerConfig {
-            identity,
-            lease: plane.engines.bus.lease,
-            poll: Duration::from_secs(1),
-        };
-        tasks.spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone()));
-    }
+    let ingest = tokio::spawn(ingest_reports(registry.clone(), consumer, stop_ingest.clone()));
+    let worker = plane.local_worker.map(|identity| {
+        let lease = plane.engines.bus.lease;
+        let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1) };
+        tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone()))
+    });
     let served = serve_api(listener, AppState { registry, artifacts }, shutdown.clone()).await;
+    // Stop in order: no new requests, the local worker finishes its job and reports, then the
+    // report loop applies what is left before the process exits.
     shutdown.cancel();
-    while tasks.join_next().await.is_some() {}
+    if let Some(worker) = worker {
+        let _ = worker.await;
+    }
+    stop_ingest.cancel();
+    let _ = ingest.await;
     served?;
     tracing::info!("stopped");
     Ok(())
@@ -220,11 +237,7 @@ pub async fn run_worker(
             .with_context(|| format!("connecting to Redis at {redis}"))?,
     );
     println!("worker {} ready (datacenter {})", identity.id, identity.datacenter);
-    let config = ctpf_distributors::jobs::WorkerConfig {
-        identity,
-        lease: engines.bus.lease,
-        poll: Duration::from_secs(1),
-    };
+    let config = WorkerConfig { identity, lease: engines.bus.lease, poll: Duration::from_secs(1) };
     ctpf_distributors::jobs::run(config, bus, shutdown).await;
     Ok(())
 }

@@ -442,19 +442,23 @@ impl Registry {
 
     // ---- events ----
 
+    /// Events after `after` that pass `filter`, from a window of at most `limit` events, and
+    /// the last sequence number looked at (so a caller can move past rejected events).
     pub async fn events(
         &self,
         after: u64,
         limit: usize,
         filter: &Filter,
-    ) -> Result<Vec<Event>, RegistryError> {
+    ) -> Result<(Vec<Event>, Option<u64>), RegistryError> {
         let dcs: Vec<Datacenter> =
             if filter.tags.is_empty() { Vec::new() } else { self.all(Table::Datacenters).await? };
         let events = self.state.events_after(after, limit).await?;
-        Ok(events
+        let scanned_to = events.last().map(|e| e.seq);
+        let matching = events
             .into_iter()
             .filter(|e| filter.matches(e.datacenter.as_ref(), &Tags::new(), &dcs))
-            .collect())
+            .collect();
+        Ok((matching, scanned_to))
     }
 }
 

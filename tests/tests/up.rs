@@ -219,3 +219,39 @@ async fn acknowledged_writes_survive_kill_9() {
         .unwrap();
     assert!(events.len() >= stored.len().min(1000));
 }
+
+/// SIGTERM while the built-in worker runs a job: the job finishes, its result is recorded
+/// before exit, and nothing runs twice after the restart.
+#[test]
+fn sigterm_lets_a_running_job_finish_and_records_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut up = start_up(&data, "up1.log");
+    let job: Value =
+        serde_json::from_str(&cli(&up, &data, &["jobs", "probe", "--sleep-ms", "1500", "--json"]))
+            .unwrap();
+    let job_id = job["id"].as_str().unwrap().to_owned();
+    let status = |up: &CtpfProcess| {
+        let jobs: Value =
+            serde_json::from_str(&cli(up, &data, &["jobs", "list", "--json"])).unwrap();
+        let job = jobs.as_array().unwrap().iter().find(|j| j["id"] == job_id.as_str()).cloned();
+        job.unwrap()
+    };
+    for _ in 0..100 {
+        if status(&up)["status"] == "running" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(status(&up)["status"], "running");
+    assert!(up.terminate().unwrap(), "{}", up.log_text());
+
+    let up = start_up(&data, "up2.log");
+    let job = status(&up);
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+    std::thread::sleep(Duration::from_millis(500));
+    let events = cli(&up, &data, &["events", "--json"]);
+    let started = events.lines().filter(|l| l.contains("job_started")).count();
+    assert_eq!(started, 1, "the job ran again after the restart:\n{events}");
+}

@@ -431,20 +431,13 @@ async fn list_events(
     let deadline = tokio::time::Instant::now() + wait;
     let mut cursor = after;
     loop {
-        let raw = s
-            .registry
-            .state()
-            .events_after(cursor, limit)
-            .await
-            .map_err(ctpf_registries::RegistryError::from)?;
-        let last = raw.last().map(|e| e.seq);
-        let events = s.registry.events(cursor, limit, &q.filter).await?;
+        let (events, scanned_to) = s.registry.events(cursor, limit, &q.filter).await?;
         if !events.is_empty() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(events));
         }
-        // Skip past events the filter rejected so a long poll does not spin on them.
-        if let Some(last) = last {
-            cursor = last;
+        // Move past events the filter rejected so a long poll does not rescan them.
+        if let Some(seq) = scanned_to {
+            cursor = seq;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
