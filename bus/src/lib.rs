@@ -100,6 +100,21 @@ pub(crate) fn instant_after(
 }
 
 /// The same wording from both backends, for operators and the manager's event log.
+/// The report that tells the manager a job was given up on, so its record stops showing it
+/// as queued or running.
+pub(crate) fn dead_letter_report(job: &JobEnvelope, reason: &str) -> NewEvent {
+    let datacenter = job
+        .selector
+        .tags()
+        .iter()
+        .find(|t| t.key() == "datacenter")
+        .and_then(|t| t.value().parse().ok());
+    NewEvent::new(
+        datacenter,
+        ctpf_common::EventBody::JobDeadLettered { job_id: job.job_id, reason: reason.to_owned() },
+    )
+}
+
 pub(crate) fn dead_letter_reason(deliveries: u32, last_holder: &str) -> String {
     format!("delivered {deliveries} times without completion (last holder: {last_holder})")
 }

@@ -15,7 +15,7 @@ use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     Bus, BusConfig, BusError, DeadLetter, Delivery, JobEnvelope, QueuedJob, ReportDelivery,
-    dead_letter_reason, instant_after,
+    dead_letter_reason, dead_letter_report, instant_after,
 };
 
 const JOB_RECEIPT_PREFIX: &str = "mem-job";
@@ -118,6 +118,11 @@ impl MemoryBus {
                         job: slot.job,
                     };
                     tracing::warn!(job_id = %letter.job.job_id, reason = %letter.reason, "dead-lettered job");
+                    let report = dead_letter_report(&letter.job, &letter.reason);
+                    let report_slot = state.next_report_slot;
+                    state.next_report_slot += 1;
+                    state.reports.insert(report_slot, ReportSlot { event: report, reader: None });
+                    self.inner.reports_added.notify_waiters();
                     state.dead.push(letter);
                 }
                 continue;

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::{
     Bus, BusConfig, BusError, DeadLetter, Delivery, JobEnvelope, QueuedJob, ReportDelivery,
-    dead_letter_reason, instant_after,
+    dead_letter_reason, dead_letter_report, instant_after,
 };
 
 const DEFAULT_NAMESPACE: &str = "ctpf";
@@ -521,9 +521,25 @@ impl RedisBus {
         deliveries: u32,
     ) -> Result<(), BusError> {
         tracing::warn!(%stream, %entry_id, %reason, "dead-lettering job");
-        redis::pipe()
-            .atomic()
-            .cmd("XADD")
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        // Tell the manager in the same transaction, so the job's record cannot stay "running".
+        let envelope = raw_job.and_then(|raw| serde_json::from_slice::<JobEnvelope>(raw).ok());
+        if let Some(job) = envelope {
+            let report = serde_json::to_vec(&dead_letter_report(&job, reason)).map_err(|e| {
+                BusError::Malformed { id: entry_id.to_owned(), reason: e.to_string() }
+            })?;
+            pipe.cmd("XADD")
+                .arg(self.keys.reports())
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(REPORTS_MAX_LEN)
+                .arg("*")
+                .arg(EVENT_FIELD)
+                .arg(report)
+                .ignore();
+        }
+        pipe.cmd("XADD")
             .arg(self.keys.dead())
             .arg("*")
             .arg(JOB_FIELD)

@@ -249,7 +249,7 @@ async fn dead_letters_after_max_deliveries(backend: &dyn Backend) -> Result<()> 
     assert!(dead[0].reason.contains("delivered 3 times"), "{}", dead[0].reason);
     assert!(dead[0].reason.contains("w1"), "{}", dead[0].reason);
     assert!(is_unknown_receipt(bus.ack_job(&last.context("no delivery")?).await));
-    Ok(())
+    assert_dead_letter_reported(&*bus, &sent).await
 }
 
 async fn dead_letters_after_lost_holders(backend: &dyn Backend) -> Result<()> {
@@ -266,6 +266,23 @@ async fn dead_letters_after_lost_holders(backend: &dyn Backend) -> Result<()> {
     assert_eq!((&dead[0].job, dead[0].deliveries), (&sent, 2));
     assert!(dead[0].reason.contains("delivered 2 times"), "{}", dead[0].reason);
     assert!(dead[0].reason.contains("w2"), "{}", dead[0].reason);
+    assert_dead_letter_reported(&*bus, &sent).await
+}
+
+/// The manager hears about a dead-lettered job through a report, so the job's record can
+/// say so instead of staying "running".
+async fn assert_dead_letter_reported(bus: &dyn Bus, sent: &JobEnvelope) -> Result<()> {
+    let reports = bus.next_reports("manager", 10, Duration::from_secs(2)).await?;
+    let dead: Vec<_> = reports
+        .iter()
+        .filter_map(|r| match &r.event.body {
+            EventBody::JobDeadLettered { job_id, reason } => Some((*job_id, reason.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dead.len(), 1, "{reports:?}");
+    assert_eq!(dead[0].0, sent.job_id);
+    assert!(dead[0].1.contains("delivered"), "{}", dead[0].1);
     Ok(())
 }
 
