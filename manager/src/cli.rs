@@ -18,7 +18,7 @@ use crate::{client::ApiClient, server};
 #[derive(Debug, Parser)]
 #[command(name = "ctpf", version, about = "Turn bare machines into cluster nodes.")]
 pub struct Cli {
-    /// URL of the manager API.
+    /// URL of the manager API; `ctpf up` and `ctpf manager` serve it there.
     #[arg(long, global = true, env = "CTPF_API", default_value = "http://127.0.0.1:7480")]
     pub api: String,
     /// API token (default: the admin token file in the default data dir).
@@ -131,8 +131,9 @@ pub struct UpArgs {
     #[command(flatten)]
     pub data: DataDirArg,
     /// Address of the API.
-    #[arg(long = "listen", env = "CTPF_LISTEN", default_value = "127.0.0.1:7480")]
-    pub listen: SocketAddr,
+    /// Address to serve the API on (default: the host and port of --api; port 0 picks one).
+    #[arg(long, env = "CTPF_LISTEN")]
+    pub listen: Option<SocketAddr>,
     /// Datacenter of the built-in worker.
     #[arg(long, env = "CTPF_DATACENTER", default_value = "local")]
     pub datacenter: String,
@@ -144,8 +145,9 @@ pub struct UpArgs {
 pub struct ManagerArgs {
     #[command(flatten)]
     pub data: DataDirArg,
-    #[arg(long = "listen", env = "CTPF_LISTEN", default_value = "127.0.0.1:7480")]
-    pub listen: SocketAddr,
+    /// Address to serve the API on (default: the host and port of --api; port 0 picks one).
+    #[arg(long, env = "CTPF_LISTEN")]
+    pub listen: Option<SocketAddr>,
     #[command(flatten)]
     pub engines: EngineArgs,
 }
@@ -274,6 +276,19 @@ pub fn default_data_dir() -> PathBuf {
     PathBuf::from("ctpf-data")
 }
 
+/// Where a server listens: `--listen`, else the `host:port` of `--api` (`http://` optional).
+fn listen_addr(listen: Option<SocketAddr>, api: &str) -> Result<SocketAddr> {
+    if let Some(addr) = listen {
+        return Ok(addr);
+    }
+    let host_port = api.strip_prefix("http://").unwrap_or(api).trim_end_matches('/');
+    host_port.parse().with_context(|| {
+        format!(
+            "--api {api:?} is not an http://IP:PORT address to listen on; pass --listen IP:PORT"
+        )
+    })
+}
+
 fn tag_query(tags: &[String]) -> Result<Vec<(&'static str, String)>> {
     tags.iter().map(|t| Ok(("tag", t.parse::<Tag>()?.to_string()))).collect()
 }
@@ -323,7 +338,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 roles: vec![Role::Distributor, Role::Builder, Role::Packager],
             };
             let plane = server::ControlPlane {
-                api: args.listen,
+                api: listen_addr(args.listen, &cli.api)?,
                 data_dir,
                 engines: args.engines.engines()?,
                 local_worker: Some(identity),
@@ -338,8 +353,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 bail!("ctpf manager runs against Redis (--redis URL); for one machine use ctpf up");
             }
             let data_dir = args.data.data_dir.clone().unwrap_or_else(default_data_dir);
-            let plane =
-                server::ControlPlane { api: args.listen, data_dir, engines, local_worker: None };
+            let plane = server::ControlPlane {
+                api: listen_addr(args.listen, &cli.api)?,
+                data_dir,
+                engines,
+                local_worker: None,
+            };
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone())?;
             server::run_control_plane(plane, shutdown).await

@@ -39,6 +39,7 @@ const STORE: &str = "CTPF_BENCH_STORE";
 const SRC: &str = "CTPF_BENCH_SRC";
 const OUT: &str = "CTPF_BENCH_OUT";
 const DIGEST: &str = "CTPF_BENCH_DIGEST";
+const GET_MODE: &str = "CTPF_BENCH_GET_MODE";
 
 fn main() -> Result<()> {
     match std::env::var(ROLE).ok().as_deref() {
@@ -100,18 +101,39 @@ fn child_put() -> Result<Vec<(&'static str, String)>> {
     })
 }
 
+/// `get`, consumed as `GET_MODE` says:
+/// - `copy`: `tokio::io::copy` into a `tokio::fs::File` (the measurement asked for);
+/// - `sink`: `tokio::io::copy` into `tokio::io::sink()`, the store's read side alone;
+/// - `bufwriter`: `tokio::io::copy` into a 1 MiB `BufWriter` over the `tokio::fs::File`.
 fn child_get() -> Result<Vec<(&'static str, String)>> {
     let (root, out) = (env_path(STORE)?, env_path(OUT)?);
     let digest: Sha256Digest = std::env::var(DIGEST)?.parse()?;
+    let mode = std::env::var(GET_MODE)?;
     runtime()?.block_on(async {
         let store = FsArtifactStore::open(root).await?;
         let start = Instant::now();
         let mut blob = store.get(&digest).await?;
-        let mut file = tokio::fs::File::create(&out).await?;
-        let copied = tokio::io::copy(&mut blob.reader, &mut file).await?;
-        file.flush().await?;
+        let (copied, file) = match mode.as_str() {
+            "copy" => {
+                let mut file = tokio::fs::File::create(&out).await?;
+                let copied = tokio::io::copy(&mut blob.reader, &mut file).await?;
+                file.flush().await?;
+                (copied, Some(file))
+            }
+            "bufwriter" => {
+                let file = tokio::fs::File::create(&out).await?;
+                let mut writer = tokio::io::BufWriter::with_capacity(1 << 20, file);
+                let copied = tokio::io::copy(&mut blob.reader, &mut writer).await?;
+                writer.flush().await?;
+                (copied, Some(writer.into_inner()))
+            }
+            "sink" => (tokio::io::copy(&mut blob.reader, &mut tokio::io::sink()).await?, None),
+            other => bail!("unknown {GET_MODE}={other}"),
+        };
         let copy_secs = start.elapsed().as_secs_f64();
-        file.sync_all().await?;
+        if let Some(file) = file {
+            file.sync_all().await?;
+        }
         let secs = start.elapsed().as_secs_f64();
         ensure!(copied == blob.size, "copied {copied} of {} bytes", blob.size);
         Ok(vec![("copy_secs", copy_secs.to_string()), ("secs", secs.to_string())])

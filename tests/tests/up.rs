@@ -10,13 +10,13 @@ use std::{
     time::Duration,
 };
 
-use ctpf_e2e::{CtpfProcess, ctpf_cli};
+use ctpf_e2e::{CtpfProcess, S3Server, ctpf_cli};
 use serde_json::{Value, json};
 
 fn start_up(data: &Path, log_name: &str) -> CtpfProcess {
     let log = data.parent().unwrap().join(log_name);
     CtpfProcess::start(
-        &["up", "--data-dir", data.to_str().unwrap(), "--listen", "127.0.0.1:0"],
+        &["up", "--data-dir", data.to_str().unwrap(), "--api", "http://127.0.0.1:0"],
         &[],
         log,
         "listening on",
@@ -254,4 +254,39 @@ fn sigterm_lets_a_running_job_finish_and_records_it() {
     let events = cli(&up, &data, &["events", "--json"]);
     let started = events.lines().filter(|l| l.contains("job_started")).count();
     assert_eq!(started, 1, "the job ran again after the restart:\n{events}");
+}
+
+/// `ctpf up --s3` keeps artifacts in an S3 server (s3s-fs here, MinIO in production): an
+/// upload through the API lands in the bucket and streams back byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_s3_stores_artifacts_in_the_bucket() {
+    let s3 = S3Server::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let endpoint = s3.endpoint();
+    let up = CtpfProcess::start(
+        &["up", "--data-dir", data.to_str().unwrap(), "--api", "127.0.0.1:0", "--s3", &endpoint],
+        &[
+            ("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_KEY),
+            ("CTPF_S3_BUCKET", "boot"),
+        ],
+        dir.path().join("up.log"),
+        "listening on",
+    )
+    .unwrap();
+    let token = token(&data);
+    let http = reqwest::Client::new();
+    // Larger than one multipart part, so the streaming multipart path is exercised.
+    let body: Vec<u8> = (0..12 * 1024 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+    let url = format!("{}/v1/artifacts/vmlinuz?kind=kernel", up.api());
+    let put = http.put(url).bearer_auth(&token).body(body.clone()).send().await.unwrap();
+    assert_eq!(put.status(), reqwest::StatusCode::CREATED, "{}", up.log_text());
+    let art: Value = put.json().await.unwrap();
+    assert_eq!(art["size"], body.len());
+    // Nothing of it went to the local disk.
+    assert!(!data.join("artifacts").exists());
+    let url = format!("{}/v1/artifacts/vmlinuz/content", up.api());
+    let got = http.get(url).bearer_auth(&token).send().await.unwrap().bytes().await.unwrap();
+    assert!(got.as_ref() == body.as_slice());
 }

@@ -66,73 +66,16 @@ impl FsArtifactStore {
     }
 }
 
-/// Writes chunks to `file` as they arrive, then fsyncs it. Runs on a blocking thread. Every
-/// [`FLUSH_EVERY`] bytes, a [`Flusher`] is asked to push what is written so far to disk while
-/// writing goes on, so the final fsync only waits for the last stretch instead of the whole
-/// blob.
+/// Writes chunks to `file` as they arrive, then fsyncs it. Runs on a blocking thread.
 fn write_chunks(
     mut file: std::fs::File,
     mut chunks: mpsc::Receiver<Bytes>,
 ) -> std::io::Result<std::fs::File> {
-    let mut flusher: Option<Flusher> = None;
-    let mut unflushed = 0u64;
     while let Some(chunk) = chunks.blocking_recv() {
         file.write_all(&chunk)?;
-        unflushed += chunk.len() as u64;
-        if unflushed >= FLUSH_EVERY {
-            unflushed = 0;
-            match &flusher {
-                Some(flusher) => flusher.request(),
-                None => flusher = Some(Flusher::start(&file)?),
-            }
-        }
-    }
-    if let Some(flusher) = flusher {
-        flusher.finish()?;
     }
     file.sync_all()?;
     Ok(file)
-}
-
-/// Bytes written between two background flushes of an upload. Small blobs never start one.
-const FLUSH_EVERY: u64 = 64 << 20;
-
-/// A thread that `fdatasync`s a file whenever asked, while the writer keeps writing. Requests
-/// made while a flush is running coalesce into one more flush.
-struct Flusher {
-    requests: std::sync::mpsc::SyncSender<()>,
-    thread: std::thread::JoinHandle<std::io::Result<()>>,
-}
-
-impl Flusher {
-    /// Starts the thread, with a first flush requested.
-    fn start(file: &std::fs::File) -> std::io::Result<Self> {
-        let file = file.try_clone()?;
-        let (requests, pending) = std::sync::mpsc::sync_channel::<()>(1);
-        let thread = std::thread::Builder::new().name("artifact-flush".into()).spawn(
-            move || -> std::io::Result<()> {
-                while pending.recv().is_ok() {
-                    file.sync_data()?;
-                }
-                Ok(())
-            },
-        )?;
-        let flusher = Self { requests, thread };
-        flusher.request();
-        Ok(flusher)
-    }
-
-    fn request(&self) {
-        // Full: a flush is already queued and will cover these bytes too. Disconnected: the
-        // thread stopped on an error, which `finish` reports.
-        let _ = self.requests.try_send(());
-    }
-
-    /// Waits for the flushes in progress; returns the first error any of them met.
-    fn finish(self) -> std::io::Result<()> {
-        drop(self.requests);
-        self.thread.join().map_err(|_| std::io::Error::other("artifact flush thread panicked"))?
-    }
 }
 
 /// Hashes chunks as they arrive. Runs on a blocking thread.
