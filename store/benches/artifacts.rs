@@ -15,6 +15,7 @@
 
 use std::{
     collections::HashMap,
+    ffi::OsStr,
     io::Write as _,
     path::{Path, PathBuf},
     process::Command,
@@ -144,7 +145,7 @@ fn child_get() -> Result<Vec<(&'static str, String)>> {
 // Parent: generate the file, run the rounds, report.
 
 /// Runs this binary as a child in `role`; returns its `key=value` report.
-fn run_child(role: &str, env: &[(&str, &Path)]) -> Result<HashMap<String, String>> {
+fn run_child(role: &str, env: &[(&str, &OsStr)]) -> Result<HashMap<String, String>> {
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.env(ROLE, role);
     for (key, value) in env {
@@ -240,29 +241,49 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "MISSED" }
 }
 
-#[derive(Default)]
-struct Samples {
-    cp: Vec<f64>,
-    cp_sync: Vec<f64>,
-    put: Vec<f64>,
-    get_copy: Vec<f64>,
-    get: Vec<f64>,
-    put_hwm: Vec<u64>,
-    get_hwm: Vec<u64>,
-    rss_start: Vec<u64>,
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map_or_else(|_| "?".into(), |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
 }
 
-impl Samples {
-    fn line(&self, name: &str, secs: &[f64]) -> String {
+/// Wall times of one measurement, one per round.
+#[derive(Default)]
+struct Series(Vec<f64>);
+
+impl Series {
+    fn median(&self) -> f64 {
+        median(&self.0)
+    }
+
+    fn rate(&self) -> f64 {
+        mb_per_s(SIZE, self.median())
+    }
+
+    fn line(&self, name: &str) -> String {
         let rounds: Vec<String> =
-            secs.iter().map(|s| format!("{:.0}", mb_per_s(SIZE, *s))).collect();
-        let m = median(secs);
+            self.0.iter().map(|s| format!("{:.0}", mb_per_s(SIZE, *s))).collect();
         format!(
-            "  {name:<22} {m:>6.2} s  {:>6.0} MB/s   (rounds: {} MB/s)",
-            mb_per_s(SIZE, m),
+            "  {name:<34} {:>5.2} s {:>6.0} MB/s  (rounds: {} MB/s)",
+            self.median(),
+            self.rate(),
             rounds.join(", ")
         )
     }
+}
+
+#[derive(Default)]
+struct Samples {
+    cp: Series,
+    cp_sync: Series,
+    put: Series,
+    get_copy: Series,
+    get_copy_sync: Series,
+    get_sink: Series,
+    get_bufwriter: Series,
+    get_bufwriter_sync: Series,
+    put_hwm: Vec<u64>,
+    get_hwm: Vec<u64>,
+    rss_start: Vec<u64>,
 }
 
 fn parent() -> Result<()> {
@@ -282,32 +303,32 @@ fn bench(dir: &Path) -> Result<()> {
     let cp_dst = dir.join("cp.bin");
     let get_out = dir.join("get.bin");
 
-    println!("FsArtifactStore vs cp, {} bytes (1 GiB) of pseudo-random data", SIZE);
+    println!("FsArtifactStore vs cp, {SIZE} bytes (1 GiB) of pseudo-random data");
     println!("  directory {} ({fs_type}); source, copies and store all there", dir.display());
+    println!("  load average at start: {}", loadavg());
     let start = Instant::now();
     generate(&src, SIZE)?;
     println!("  generated the source in {:.1} s", start.elapsed().as_secs_f64());
-    println!("  in-memory SHA-256: {:.0} MB/s", sha256_mb_per_s());
+    let sha = sha256_mb_per_s();
+    println!("  in-memory SHA-256 (one core): {sha:.0} MB/s");
 
     let (src_s, cp_s) = (path_str(&src)?, path_str(&cp_dst)?);
-    let mut samples = Samples::default();
+    let mut s = Samples::default();
     let mut digest: Option<String> = None;
     for round in 0..ROUNDS {
         sync_all_filesystems()?;
-        samples.cp.push(timed("cp", &[src_s, cp_s])?);
+        s.cp.0.push(timed("cp", &[src_s, cp_s])?);
         std::fs::remove_file(&cp_dst)?;
         sync_all_filesystems()?;
-        samples
-            .cp_sync
-            .push(timed("sh", &["-c", r#"cp "$1" "$2" && sync "$2""#, "sh", src_s, cp_s])?);
+        s.cp_sync.0.push(timed("sh", &["-c", r#"cp "$1" "$2" && sync "$2""#, "sh", src_s, cp_s])?);
         std::fs::remove_file(&cp_dst)?;
         sync_all_filesystems()?;
 
         let store = dir.join(format!("store-{round}"));
-        let put = run_child("put", &[(STORE, &store), (SRC, &src)])?;
-        samples.put.push(field(&put, "secs")?);
-        samples.put_hwm.push(field(&put, "hwm_kib")?);
-        samples.rss_start.push(field(&put, "rss_start_kib")?);
+        let put = run_child("put", &[(STORE, store.as_os_str()), (SRC, src.as_os_str())])?;
+        s.put.0.push(field(&put, "secs")?);
+        s.put_hwm.push(field(&put, "hwm_kib")?);
+        s.rss_start.push(field(&put, "rss_start_kib")?);
         ensure!(field::<u64>(&put, "size")? == SIZE, "put stored the wrong size");
         let put_digest: String = field(&put, "digest")?;
         match &digest {
@@ -316,34 +337,59 @@ fn bench(dir: &Path) -> Result<()> {
         }
         sync_all_filesystems()?;
 
-        let digest_path = PathBuf::from(&put_digest);
-        let get = run_child("get", &[(STORE, &store), (OUT, &get_out), (DIGEST, &digest_path)])?;
-        samples.get_copy.push(field(&get, "copy_secs")?);
-        samples.get.push(field(&get, "secs")?);
-        samples.get_hwm.push(field(&get, "hwm_kib")?);
-        if round == 0 {
-            let same = Command::new("cmp").args(["-s", src_s, path_str(&get_out)?]).status()?;
-            ensure!(same.success(), "get returned different bytes from what was put");
+        for mode in ["copy", "sink", "bufwriter"] {
+            let env = [
+                (STORE, store.as_os_str()),
+                (OUT, get_out.as_os_str()),
+                (DIGEST, OsStr::new(&put_digest)),
+                (GET_MODE, OsStr::new(mode)),
+            ];
+            let get = run_child("get", &env)?;
+            let (copy_secs, secs) = (field(&get, "copy_secs")?, field(&get, "secs")?);
+            match mode {
+                "copy" => {
+                    s.get_copy.0.push(copy_secs);
+                    s.get_copy_sync.0.push(secs);
+                    s.get_hwm.push(field(&get, "hwm_kib")?);
+                    if round == 0 {
+                        let same = Command::new("cmp")
+                            .args(["-s", src_s, path_str(&get_out)?])
+                            .status()?;
+                        ensure!(same.success(), "get returned different bytes from what was put");
+                    }
+                }
+                "sink" => s.get_sink.0.push(secs),
+                _ => {
+                    s.get_bufwriter.0.push(copy_secs);
+                    s.get_bufwriter_sync.0.push(secs);
+                }
+            }
+            if get_out.exists() {
+                std::fs::remove_file(&get_out)?;
+            }
+            sync_all_filesystems()?;
         }
-        std::fs::remove_file(&get_out)?;
         std::fs::remove_dir_all(&store)?;
     }
 
-    let s = &samples;
-    let rate = |secs: &[f64]| mb_per_s(SIZE, median(secs));
-    let (cp, cp_sync) = (rate(&s.cp), rate(&s.cp_sync));
-    let (put, get_copy, get) = (rate(&s.put), rate(&s.get_copy), rate(&s.get));
+    let (cp, cp_sync, put) = (s.cp.rate(), s.cp_sync.rate(), s.put.rate());
+    let (get, get_sync) = (s.get_copy.rate(), s.get_copy_sync.rate());
     let put_hwm = s.put_hwm.iter().copied().max().unwrap_or(0);
     let get_hwm = s.get_hwm.iter().copied().max().unwrap_or(0);
     let rss_start = s.rss_start.iter().copied().max().unwrap_or(0);
 
+    println!("  load average at end: {}", loadavg());
     println!();
     println!("median of {ROUNDS} interleaved rounds (MB = 10^6 bytes):");
-    println!("{}", s.line("cp", &s.cp));
-    println!("{}", s.line("cp + sync", &s.cp_sync));
-    println!("{}", s.line("store put (fsynced)", &s.put));
-    println!("{}", s.line("store get, no sync", &s.get_copy));
-    println!("{}", s.line("store get + sync_all", &s.get));
+    println!("{}", s.cp.line("cp"));
+    println!("{}", s.cp_sync.line("cp && sync DST"));
+    println!("{}", s.put.line("put (hash, write, fsync, rename)"));
+    println!("{}", s.get_copy.line("get, io::copy to File"));
+    println!("{}", s.get_copy_sync.line("get, io::copy to File + sync_all"));
+    println!("  diagnostics (same get, other consumers):");
+    println!("{}", s.get_sink.line("get, io::copy to io::sink"));
+    println!("{}", s.get_bufwriter.line("get, io::copy to 1 MiB BufWriter"));
+    println!("{}", s.get_bufwriter_sync.line("get, same + sync_all"));
     println!();
     println!(
         "fs put 1 GiB: {put:.0} MB/s (cp {cp:.0} MB/s, ratio {:.2}; cp+sync {cp_sync:.0} MB/s, \
@@ -353,15 +399,24 @@ fn bench(dir: &Path) -> Result<()> {
         mib(put_hwm)
     );
     println!(
-        "fs get 1 GiB: {get_copy:.0} MB/s without sync (cp {cp:.0} MB/s, ratio {:.2}); \
-         {get:.0} MB/s with sync_all (cp+sync {cp_sync:.0} MB/s, ratio {:.2}), peak RSS {:.1} MiB",
-        get_copy / cp,
-        get / cp_sync,
+        "fs get 1 GiB: {get:.0} MB/s (cp {cp:.0} MB/s, ratio {:.2}); with sync_all {get_sync:.0} \
+         MB/s (cp+sync {cp_sync:.0} MB/s, ratio {:.2}), peak RSS {:.1} MiB",
+        get / cp,
+        get_sync / cp_sync,
         mib(get_hwm)
     );
     println!(
-        "  (peak RSS is the child's VmHWM; the child starts at {:.1} MiB before the store runs)",
+        "  peak RSS is the child's VmHWM, which is {:.1} MiB before the store does anything",
         mib(rss_start)
+    );
+    println!(
+        "  put hashes every byte, so it cannot beat SHA-256 ({sha:.0} MB/s, {:.2}x cp) whatever \
+         the I/O",
+        sha / cp
+    );
+    println!(
+        "  tokio::io::copy moves 8 KiB at a time and tokio::fs::File turns each write into a \
+         blocking-pool round trip; the sink and BufWriter lines show the store's side"
     );
     println!();
     println!("targets:");
@@ -372,10 +427,10 @@ fn bench(dir: &Path) -> Result<()> {
         put / cp_sync
     );
     println!(
-        "  get >= {MIN_RATIO}x cp:        {} ({:.2}x without sync; {:.2}x of cp+sync with sync_all)",
-        verdict(get_copy / cp >= MIN_RATIO),
-        get_copy / cp,
-        get / cp_sync
+        "  get >= {MIN_RATIO}x cp:        {} ({:.2}x; {:.2}x with a 1 MiB BufWriter)",
+        verdict(get / cp >= MIN_RATIO),
+        get / cp,
+        s.get_bufwriter.rate() / cp
     );
     println!(
         "  put peak RSS < 64 MiB: {} ({:.1} MiB)",

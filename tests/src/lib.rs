@@ -106,6 +106,11 @@ impl RedisServer {
         self.proc = None;
         self.spawn()
     }
+
+    /// Kills the server hard; `restart` brings it back.
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
 }
 
 /// A private S3-compatible server: `s3s-fs`, a filesystem-backed S3 implementation that

@@ -169,3 +169,43 @@ async fn reports_wait_for_a_stopped_manager() {
         site.wait_for_job(&job, Duration::from_secs(30), |j| j["status"] == "succeeded").await;
     assert_eq!(done["worker"], "w1");
 }
+
+/// With Redis down the API answers 503 with a generic message (details stay in the log), the
+/// manager keeps running, and it serves again once Redis is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_redis_is_a_clean_503_and_the_manager_recovers() {
+    let mut site = Site::start().await;
+    let url = format!("{}/v1/datacenters", site.manager.api());
+    let create = |name: &str| {
+        site.http.post(&url).bearer_auth(&site.token).json(&json!({"name": name})).send()
+    };
+    assert_eq!(create("before").await.unwrap().status(), reqwest::StatusCode::CREATED);
+
+    let port = site.redis.port();
+    site.redis.stop();
+    let response = create("during").await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "unavailable");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(!message.contains(&port.to_string()) && !message.contains("redis://"), "{message}");
+
+    site.redis.restart().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match create("after").await {
+            Ok(r) if r.status() == reqwest::StatusCode::CREATED => break,
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(200)).await,
+            other => panic!("manager did not recover: {other:?}\n{}", site.manager.log_text()),
+        }
+    }
+    let names: Vec<String> = site
+        .get("/v1/datacenters")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["after", "before"]);
+}
