@@ -1,4 +1,4 @@
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
@@ -45,25 +45,7 @@ impl Sha256Digest {
     }
 }
 
-impl FromStr for Sha256Digest {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse("digest", s)
-    }
-}
-
-impl TryFrom<String> for Sha256Digest {
-    type Error = ParseError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<Sha256Digest> for String {
-    fn from(d: Sha256Digest) -> Self {
-        d.to_string()
-    }
-}
+crate::text_conversions!(Sha256Digest, "digest");
 
 impl fmt::Display for Sha256Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -2,6 +2,34 @@
 //! No I/O lives here; every constructor that takes text validates it and, on failure, returns
 //! a [`ParseError`] naming the field and the bad value.
 
+/// Text conversions for a type validated by `Type::parse(field, text)` and printed by
+/// `Display`: `FromStr` (errors name `$field`), and the `TryFrom<String>`/`Into<String>` pair
+/// that `#[serde(try_from = "String", into = "String")]` uses, so deserializing validates too.
+macro_rules! text_conversions {
+    ($ty:ty, $field:literal) => {
+        impl std::str::FromStr for $ty {
+            type Err = $crate::ParseError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Self::parse($field, s)
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = $crate::ParseError;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                s.parse()
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(value: $ty) -> Self {
+                value.to_string()
+            }
+        }
+    };
+}
+pub(crate) use text_conversions;
+
 mod artifact;
 mod datacenter;
 mod digest;

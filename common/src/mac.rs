@@ -1,4 +1,4 @@
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -42,25 +42,7 @@ impl MacAddr {
     }
 }
 
-impl FromStr for MacAddr {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse("mac", s)
-    }
-}
-
-impl TryFrom<String> for MacAddr {
-    type Error = ParseError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<MacAddr> for String {
-    fn from(m: MacAddr) -> Self {
-        m.to_string()
-    }
-}
+crate::text_conversions!(MacAddr, "mac");
 
 impl fmt::Display for MacAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -1,4 +1,4 @@
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,25 +34,7 @@ impl Name {
     }
 }
 
-impl FromStr for Name {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse("name", s)
-    }
-}
-
-impl TryFrom<String> for Name {
-    type Error = ParseError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<Name> for String {
-    fn from(n: Name) -> Self {
-        n.0
-    }
-}
+crate::text_conversions!(Name, "name");
 
 impl fmt::Display for Name {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -99,25 +81,7 @@ impl ArtifactName {
     }
 }
 
-impl FromStr for ArtifactName {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse("artifact name", s)
-    }
-}
-
-impl TryFrom<String> for ArtifactName {
-    type Error = ParseError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<ArtifactName> for String {
-    fn from(n: ArtifactName) -> Self {
-        n.0
-    }
-}
+crate::text_conversions!(ArtifactName, "artifact name");
 
 impl fmt::Display for ArtifactName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

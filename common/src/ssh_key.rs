@@ -1,4 +1,4 @@
-use std::{fmt, str::FromStr};
+use std::fmt;
 
 use base64::{
     Engine as _, engine::general_purpose::STANDARD, engine::general_purpose::STANDARD_NO_PAD,
@@ -80,25 +80,7 @@ impl SshPublicKey {
     }
 }
 
-impl FromStr for SshPublicKey {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse("public_key", s)
-    }
-}
-
-impl TryFrom<String> for SshPublicKey {
-    type Error = ParseError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<SshPublicKey> for String {
-    fn from(k: SshPublicKey) -> Self {
-        k.to_string()
-    }
-}
+crate::text_conversions!(SshPublicKey, "public_key");
 
 impl fmt::Display for SshPublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

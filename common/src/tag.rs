@@ -53,25 +53,7 @@ impl Tag {
     }
 }
 
-impl FromStr for Tag {
-    type Err = ParseError;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Self::parse("tag", s)
-    }
-}
-
-impl TryFrom<String> for Tag {
-    type Error = ParseError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<Tag> for String {
-    fn from(t: Tag) -> Self {
-        t.to_string()
-    }
-}
+crate::text_conversions!(Tag, "tag");
 
 impl fmt::Display for Tag {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
