@@ -1,12 +1,14 @@
 //! The embedded artifact store: one file per blob under `ROOT/sha256/ab/abcdef...`.
 //!
-//! An upload streams into a temporary file under `ROOT/tmp` while it is hashed. The async task
-//! only reads the body; each chunk goes, through small bounded channels, to a hashing thread
-//! and a writing thread (both blocking threads), so reading, hashing and writing overlap on
-//! separate cores, hashing (the costliest step, ~0.5 ms per MiB even with SHA-NI) never
-//! stalls the async runtime, and memory stays at a few MiB whatever the size. The file is
-//! fsynced and renamed into place only when the digest is known (and matches), then the
-//! directory is fsynced: after `put` returns, the blob survives a power cut.
+//! An upload streams into a temporary file under `ROOT/tmp` through a three-stage pipeline:
+//! the async task reads the body into 1 MiB buffers, a hashing thread hashes each buffer and
+//! passes it on, a writing thread writes it and hands the emptied buffer back to the reader.
+//! The stages overlap on separate cores, hashing (the costliest step) never stalls the async
+//! runtime, and the same few buffers circulate: no allocation per chunk (a fresh 1 MiB buffer
+//! per chunk costs page faults, and freeing it on another thread costs TLB shootdowns), and
+//! memory stays at `BUFFERS` MiB whatever the size. The file is fsynced and renamed into
+//! place only when the digest is known (and matches), then the directory is fsynced: after
+//! `put` returns, the blob survives a power cut.
 
 use std::{
     io::{SeekFrom, Write as _},
@@ -14,7 +16,6 @@ use std::{
 };
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
 use ctpf_common::Sha256Digest;
 use sha2::{Digest as _, Sha256};
 use tokio::{
@@ -25,11 +26,10 @@ use tokio::{
 use super::{ArtifactError, ArtifactStore, Blob, BlobInfo, BlobReader, check_digest, check_range};
 
 /// Upload chunk size: large enough that per-chunk overhead vanishes, small enough that the
-/// in-flight chunks stay far below the 64 MiB memory budget.
+/// buffers in circulation stay far below the 64 MiB memory budget.
 const CHUNK: usize = 1 << 20;
-/// Chunks queued between the reader and each of the hasher and the writer. A chunk is shared
-/// by both queues, so at most a few more than this are alive at once.
-const IN_FLIGHT: usize = 4;
+/// Buffers circulating through the upload pipeline (read -> hash -> write -> read).
+const BUFFERS: usize = 6;
 
 #[derive(Debug, Clone)]
 pub struct FsArtifactStore {
@@ -66,25 +66,37 @@ impl FsArtifactStore {
     }
 }
 
-/// Writes chunks to `file` as they arrive, then fsyncs it. Runs on a blocking thread.
-fn write_chunks(
+/// Hashing stage: hashes each buffer, then passes it to the writer. Stops early when the
+/// writer has gone (it failed; its error is what the caller reports).
+fn hash_stage(
+    mut filled: mpsc::Receiver<Vec<u8>>,
+    to_writer: mpsc::Sender<Vec<u8>>,
+) -> Sha256Digest {
+    let mut hasher = Sha256::new();
+    while let Some(buf) = filled.blocking_recv() {
+        hasher.update(&buf);
+        if to_writer.blocking_send(buf).is_err() {
+            break;
+        }
+    }
+    Sha256Digest::from_bytes(hasher.finalize().into())
+}
+
+/// Writing stage: writes each buffer, returns it empty to the reader, and fsyncs the file at
+/// the end.
+fn write_stage(
     mut file: std::fs::File,
-    mut chunks: mpsc::Receiver<Bytes>,
+    mut hashed: mpsc::Receiver<Vec<u8>>,
+    empty: mpsc::Sender<Vec<u8>>,
 ) -> std::io::Result<std::fs::File> {
-    while let Some(chunk) = chunks.blocking_recv() {
-        file.write_all(&chunk)?;
+    while let Some(mut buf) = hashed.blocking_recv() {
+        file.write_all(&buf)?;
+        buf.clear();
+        // The reader may have finished already; then the buffer is simply dropped.
+        let _ = empty.try_send(buf);
     }
     file.sync_all()?;
     Ok(file)
-}
-
-/// Hashes chunks as they arrive. Runs on a blocking thread.
-fn hash_chunks(mut chunks: mpsc::Receiver<Bytes>) -> Sha256Digest {
-    let mut hasher = Sha256::new();
-    while let Some(chunk) = chunks.blocking_recv() {
-        hasher.update(&chunk);
-    }
-    Sha256Digest::from_bytes(hasher.finalize().into())
 }
 
 fn sync_dir(dir: &Path) -> std::io::Result<()> {
@@ -103,16 +115,21 @@ impl ArtifactStore for FsArtifactStore {
             .await
             .map_err(std::io::Error::other)??;
         let (temp_file, temp_path) = temp.into_parts();
-        let (write_tx, write_rx) = mpsc::channel::<Bytes>(IN_FLIGHT);
-        let (hash_tx, hash_rx) = mpsc::channel::<Bytes>(IN_FLIGHT);
-        let writer = tokio::task::spawn_blocking(move || write_chunks(temp_file, write_rx));
-        let hasher = tokio::task::spawn_blocking(move || hash_chunks(hash_rx));
+        let (empty_tx, mut empty_rx) = mpsc::channel::<Vec<u8>>(BUFFERS);
+        let (filled_tx, filled_rx) = mpsc::channel::<Vec<u8>>(BUFFERS);
+        let (hashed_tx, hashed_rx) = mpsc::channel::<Vec<u8>>(BUFFERS);
+        for _ in 0..BUFFERS {
+            let _ = empty_tx.try_send(Vec::with_capacity(CHUNK));
+        }
+        let hasher = tokio::task::spawn_blocking(move || hash_stage(filled_rx, hashed_tx));
+        let writer =
+            tokio::task::spawn_blocking(move || write_stage(temp_file, hashed_rx, empty_tx));
 
         let mut size = 0u64;
         let mut read_error = None;
-        loop {
-            let mut buf = BytesMut::with_capacity(CHUNK);
-            // Fill the chunk fully (readers often return small pieces) before handing it over.
+        // `None`: a later stage stopped (the writer failed); its error is reported below.
+        while let Some(mut buf) = empty_rx.recv().await {
+            // Fill the buffer fully (readers often return small pieces) before handing it on.
             while buf.len() < CHUNK {
                 match body.read_buf(&mut buf).await {
                     Ok(0) => break,
@@ -127,19 +144,17 @@ impl ArtifactStore for FsArtifactStore {
                 break;
             }
             size += buf.len() as u64;
-            let chunk = buf.freeze();
-            if hash_tx.send(chunk.clone()).await.is_err() || write_tx.send(chunk).await.is_err() {
-                break; // the writer failed (the hasher cannot); its error is reported below
+            if filled_tx.send(buf).await.is_err() {
+                break;
             }
         }
-        drop((hash_tx, write_tx));
-        let written = writer.await.map_err(std::io::Error::other)?;
+        drop((filled_tx, empty_rx));
         let digest = hasher.await.map_err(std::io::Error::other)?;
+        let written = writer.await.map_err(std::io::Error::other)?;
         if let Some(e) = read_error {
             return Err(ArtifactError::Upload(e)); // temp_path's drop removes the file
         }
-        let written = written?;
-        drop(written);
+        drop(written?);
 
         check_digest(expected, digest)?;
         let final_path = self.blob_path(&digest);
