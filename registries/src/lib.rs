@@ -172,8 +172,13 @@ impl Registry {
     }
 
     /// Deletes a datacenter. Refused while hosts still belong to it, unless `force`, which
-    /// deletes them too.
+    /// deletes them too. The delete is conditional on the datacenter's version: adding a host
+    /// bumps it, so a host registered meanwhile makes this fail instead of leaving an orphan.
     pub async fn delete_datacenter(&self, name: &Name, force: bool) -> Result<(), RegistryError> {
+        let Some((_, version)) = self.get::<Datacenter>(Table::Datacenters, name.as_str()).await?
+        else {
+            return Err(RegistryError::NotFound { kind: "datacenter", id: name.to_string() });
+        };
         let hosts: Vec<Host> = self
             .all::<Host>(Table::Hosts)
             .await?
@@ -188,53 +193,82 @@ impl Registry {
         }
         let mut commit = Commit::new();
         for host in &hosts {
-            commit = commit
-                .write(Write::delete(Table::Hosts, host.id.to_string(), Precondition::Any))
-                .event(NewEvent::new(
-                    Some(name.clone()),
-                    EventBody::HostDeleted { host_id: host.id },
-                ));
+            commit = host_removal(commit, host, Precondition::Any);
         }
         let commit = commit
-            .write(Write::delete(Table::Datacenters, name.as_str(), Precondition::Any))
+            .write(Write::delete(Table::Datacenters, name.as_str(), Precondition::Version(version)))
             .event(NewEvent::new(
                 Some(name.clone()),
                 EventBody::DatacenterDeleted { name: name.clone() },
             ));
-        let done = self.state.commit(commit).await?;
-        if done.previous.last().copied().flatten().is_none() {
-            return Err(RegistryError::NotFound { kind: "datacenter", id: name.to_string() });
+        match self.state.commit(commit).await {
+            Ok(_) => Ok(()),
+            Err(StateError::Conflict { .. }) => Err(RegistryError::Refused(format!(
+                "datacenter {name} changed while it was being deleted (a host was added?); try again"
+            ))),
+            Err(e) => Err(e.into()),
         }
-        Ok(())
     }
 
     // ---- hosts ----
 
+    /// Registers a host. One identity per machine: the commit claims an index record for each
+    /// MAC and the SMBIOS UUID, so a MAC or UUID already taken (even by a registration racing
+    /// this one) fails the whole commit. It also bumps the datacenter's version, so the host
+    /// cannot land in a datacenter deleted at the same moment.
     pub async fn create_host(&self, new: NewHost) -> Result<Host, RegistryError> {
         new.validate()?;
-        self.datacenter(&new.datacenter).await?;
-        // One identity per machine: no MAC or SMBIOS UUID may belong to two hosts.
-        for other in self.all::<Host>(Table::Hosts).await? {
-            if let Some(mac) = new.macs.iter().find(|m| other.macs.contains(m)) {
-                return Err(RegistryError::AlreadyExists {
-                    kind: "host with MAC",
-                    id: mac.to_string(),
+        let host = Host::new(Uuid::now_v7(), new, HostState::Discovered, now());
+        let id = host.id.to_string();
+        let index_value = id.clone().into_bytes();
+        // Concurrent registrations in one datacenter race on its version; retry those.
+        for _ in 0..16 {
+            let Some((dc, dc_version)) =
+                self.get::<Datacenter>(Table::Datacenters, host.datacenter.as_str()).await?
+            else {
+                return Err(RegistryError::NotFound {
+                    kind: "datacenter",
+                    id: host.datacenter.to_string(),
                 });
+            };
+            let mut commit = Commit::new()
+                .write(Write::put(
+                    Table::Datacenters,
+                    dc.name.as_str(),
+                    encode(&dc)?,
+                    Precondition::Version(dc_version),
+                ))
+                .write(Write::put(Table::Hosts, &id, encode(&host)?, Precondition::Absent));
+            for key in identity_keys(&host) {
+                commit = commit.write(Write::put(
+                    Table::HostIndex,
+                    key,
+                    index_value.clone(),
+                    Precondition::Absent,
+                ));
             }
-            if new.smbios_uuid.is_some() && new.smbios_uuid == other.smbios_uuid {
-                return Err(RegistryError::AlreadyExists {
-                    kind: "host with SMBIOS UUID",
-                    id: other.smbios_uuid.map(|u| u.to_string()).unwrap_or_default(),
-                });
+            let commit = commit.event(NewEvent::new(
+                Some(host.datacenter.clone()),
+                EventBody::HostRegistered { host_id: host.id },
+            ));
+            match self.state.commit(commit).await {
+                Ok(_) => return Ok(host),
+                Err(StateError::Conflict { table: Table::HostIndex, key, .. }) => {
+                    let (kind, value) = match key.split_once(':') {
+                        Some(("uuid", v)) => ("host with SMBIOS UUID", v),
+                        Some((_, v)) => ("host with MAC", v),
+                        None => ("host with", key.as_str()),
+                    };
+                    return Err(RegistryError::AlreadyExists { kind, id: value.to_owned() });
+                }
+                Err(StateError::Conflict { table: Table::Datacenters, .. }) => continue,
+                Err(e) => return Err(e.into()),
             }
         }
-        let host = Host::new(Uuid::now_v7(), new, HostState::Discovered, now());
-        let event = NewEvent::new(
-            Some(host.datacenter.clone()),
-            EventBody::HostRegistered { host_id: host.id },
-        );
-        self.create(Table::Hosts, "host", &host.id.to_string(), &host, event).await?;
-        Ok(host)
+        Err(RegistryError::Refused(format!(
+            "datacenter {} is too busy; retry the registration",
+            host.datacenter
+        )))
     }
 
     pub async fn host(&self, id: Uuid) -> Result<Host, RegistryError> {
@@ -254,9 +288,18 @@ impl Registry {
     }
 
     pub async fn delete_host(&self, id: Uuid) -> Result<(), RegistryError> {
-        let host = self.host(id).await?;
-        let event = NewEvent::new(Some(host.datacenter), EventBody::HostDeleted { host_id: id });
-        self.remove(Table::Hosts, "host", &id.to_string(), event).await
+        let Some((host, version)) = self.get::<Host>(Table::Hosts, &id.to_string()).await? else {
+            return Err(RegistryError::NotFound { kind: "host", id: id.to_string() });
+        };
+        // Conditional on the version read, so the index entries removed are the host's own.
+        let commit = host_removal(Commit::new(), &host, Precondition::Version(version));
+        match self.state.commit(commit).await {
+            Ok(_) => Ok(()),
+            Err(StateError::Conflict { .. }) => {
+                Err(RegistryError::NotFound { kind: "host", id: id.to_string() })
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     // ---- SSH keys ----
@@ -460,6 +503,25 @@ impl Registry {
             .collect();
         Ok((matching, scanned_to))
     }
+}
+
+/// The index keys that claim a host's identity.
+fn identity_keys(host: &Host) -> Vec<String> {
+    let macs = host.macs.iter().map(|m| format!("mac:{m}"));
+    macs.chain(host.smbios_uuid.map(|u| format!("uuid:{u}"))).collect()
+}
+
+/// Adds the removal of `host` (if its record meets `expect`), its identity index entries and
+/// its event to `commit`.
+fn host_removal(commit: Commit, host: &Host, expect: Precondition) -> Commit {
+    let mut commit = commit.write(Write::delete(Table::Hosts, host.id.to_string(), expect));
+    for key in identity_keys(host) {
+        commit = commit.write(Write::delete(Table::HostIndex, key, Precondition::Any));
+    }
+    commit.event(NewEvent::new(
+        Some(host.datacenter.clone()),
+        EventBody::HostDeleted { host_id: host.id },
+    ))
 }
 
 fn envelope(job: &Job) -> JobEnvelope {

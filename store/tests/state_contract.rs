@@ -100,6 +100,22 @@ async fn commits_are_atomic(store: &dyn StateStore) {
     let rec = store.get(Table::Hosts, "c").await.unwrap().unwrap();
     assert_eq!((rec.version, rec.value.as_slice()), (2, b"2".as_slice()));
 
+    // A check writes nothing but must hold like any precondition.
+    let commit = Commit::new()
+        .write(Write::check(Table::Hosts, "c", Precondition::Version(2)))
+        .write(Write::put(Table::Hosts, "d", b"1".to_vec(), Precondition::Absent));
+    assert_eq!(store.commit(commit).await.unwrap().previous, vec![Some(2), None]);
+    assert_eq!(store.get(Table::Hosts, "c").await.unwrap().unwrap().version, 2);
+    let commit = Commit::new()
+        .write(Write::put(Table::Hosts, "e", b"1".to_vec(), Precondition::Absent))
+        .write(Write::check(Table::Hosts, "c", Precondition::Absent));
+    assert!(
+        matches!(store.commit(commit).await, Err(StateError::Conflict { ref key, .. }) if key == "c")
+    );
+    assert_eq!(store.get(Table::Hosts, "e").await.unwrap(), None);
+    let gone = Commit::new().write(Write::delete(Table::Hosts, "d", Precondition::Any));
+    store.commit(gone).await.unwrap();
+
     // Listing is complete and in key order.
     let keys: Vec<_> =
         store.list(Table::Hosts).await.unwrap().into_iter().map(|(k, _)| k).collect();

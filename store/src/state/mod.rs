@@ -26,16 +26,20 @@ pub enum Table {
     Tokens,
     Jobs,
     Artifacts,
+    /// Unique keys that point at a host (`mac:...`, `uuid:...`), so one machine never gets
+    /// two identities even when two registrations race.
+    HostIndex,
 }
 
 impl Table {
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Datacenters,
         Table::Hosts,
         Table::SshKeys,
         Table::Tokens,
         Table::Jobs,
         Table::Artifacts,
+        Table::HostIndex,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,6 +50,7 @@ impl Table {
             Table::Tokens => "tokens",
             Table::Jobs => "jobs",
             Table::Artifacts => "artifacts",
+            Table::HostIndex => "host_index",
         }
     }
 }
@@ -86,8 +91,24 @@ impl Precondition {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Write {
-    Put { table: Table, key: String, value: Vec<u8>, expect: Precondition },
-    Delete { table: Table, key: String, expect: Precondition },
+    Put {
+        table: Table,
+        key: String,
+        value: Vec<u8>,
+        expect: Precondition,
+    },
+    Delete {
+        table: Table,
+        key: String,
+        expect: Precondition,
+    },
+    /// Changes nothing; only its precondition counts (e.g. "the datacenter still exists at
+    /// the version I read" while adding a host to it).
+    Check {
+        table: Table,
+        key: String,
+        expect: Precondition,
+    },
 }
 
 impl Write {
@@ -99,11 +120,15 @@ impl Write {
         Write::Delete { table, key: key.into(), expect }
     }
 
+    pub fn check(table: Table, key: impl Into<String>, expect: Precondition) -> Self {
+        Write::Check { table, key: key.into(), expect }
+    }
+
     fn target(&self) -> (Table, &str, Precondition) {
         match self {
-            Write::Put { table, key, expect, .. } | Write::Delete { table, key, expect } => {
-                (*table, key, *expect)
-            }
+            Write::Put { table, key, expect, .. }
+            | Write::Delete { table, key, expect }
+            | Write::Check { table, key, expect } => (*table, key, *expect),
         }
     }
 }
@@ -135,7 +160,7 @@ impl Commit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Committed {
     /// For each write, in order: the record's version before it (`None`: it did not exist).
-    /// A put's new version is that plus one.
+    /// A put's new version is that plus one; a check leaves it as it is.
     pub previous: Vec<Option<u64>>,
     /// The appended events with their sequence numbers.
     pub events: Vec<Event>,

@@ -202,6 +202,7 @@ fn apply_one(
                 let mut t = txn.open_table(table_def(*table)).map_err(storage)?;
                 t.remove(key.as_str()).map_err(storage)?;
             }
+            Write::Check { .. } => {}
         }
     }
     let mut appended = Vec::with_capacity(commit.events.len());
@@ -231,6 +232,7 @@ fn overlay(
             current = match earlier {
                 Write::Put { .. } => Some(prev.unwrap_or(0) + 1),
                 Write::Delete { .. } => None,
+                Write::Check { .. } => *prev,
             };
         }
     }

@@ -48,7 +48,7 @@ for i = 0, nwrites - 1 do
   prev[i + 1] = current
   if op == 'put' then
     pending[id] = math.max(current, 0) + 1
-  else
+  elseif op == 'del' then
     pending[id] = -1
   end
 end
@@ -59,7 +59,7 @@ for i = 0, nwrites - 1 do
   if op == 'put' then
     redis.call('HSET', rec(t), k, value)
     redis.call('HSET', ver(t), k, math.max(prev[i + 1], 0) + 1)
-  else
+  elseif op == 'del' then
     redis.call('HDEL', rec(t), k)
     redis.call('HDEL', ver(t), k)
   end
@@ -185,6 +185,7 @@ impl StateStore for RedisStateStore {
             let (op, value): (&str, &[u8]) = match write {
                 Write::Put { value, .. } => ("put", value),
                 Write::Delete { .. } => ("del", b""),
+                Write::Check { .. } => ("chk", b""),
             };
             let (table, key, expect) = write.target();
             let cond = match expect {
