@@ -171,8 +171,8 @@ impl Registry {
         Ok(all.iter().filter(|d| filter.matches(Some(&d.name), &d.tags, &[])).cloned().collect())
     }
 
-    /// Deletes a datacenter. Refused while hosts still belong to it, unless `force`, which
-    /// deletes them too. The delete is conditional on the datacenter's version: adding a host
+    /// Deletes a datacenter. Refused while hosts or SSH keys still belong to it, unless
+    /// `force`, which deletes them too. The delete is conditional on the datacenter's version: adding a host
     /// bumps it, so a host registered meanwhile makes this fail instead of leaving an orphan.
     pub async fn delete_datacenter(&self, name: &Name, force: bool) -> Result<(), RegistryError> {
         let Some((_, version)) = self.get::<Datacenter>(Table::Datacenters, name.as_str()).await?
@@ -185,15 +185,32 @@ impl Registry {
             .into_iter()
             .filter(|h| &h.datacenter == name)
             .collect();
-        if !hosts.is_empty() && !force {
+        let keys: Vec<SshKey> = self
+            .all::<SshKey>(Table::SshKeys)
+            .await?
+            .into_iter()
+            .filter(|k| k.datacenter.as_ref() == Some(name))
+            .collect();
+        let in_use = !hosts.is_empty() || !keys.is_empty();
+        if in_use && !force {
             return Err(RegistryError::Refused(format!(
-                "datacenter {name} still has {} host(s); delete them first or pass force=true",
-                hosts.len()
+                "datacenter {name} still has {} host(s) and {} SSH key(s); delete them first or \
+                 pass force=true",
+                hosts.len(),
+                keys.len()
             )));
         }
         let mut commit = Commit::new();
         for host in &hosts {
             commit = host_removal(commit, host, Precondition::Any);
+        }
+        for key in &keys {
+            commit = commit
+                .write(Write::delete(Table::SshKeys, key.name.as_str(), Precondition::Any))
+                .event(NewEvent::new(
+                    Some(name.clone()),
+                    EventBody::SshKeyDeleted { name: key.name.clone() },
+                ));
         }
         let commit = commit
             .write(Write::delete(Table::Datacenters, name.as_str(), Precondition::Version(version)))
@@ -304,17 +321,48 @@ impl Registry {
 
     // ---- SSH keys ----
 
+    /// Registers a key; one scoped to a datacenter is committed only if that datacenter
+    /// still exists at that moment.
     pub async fn add_key(&self, new: NewSshKey) -> Result<SshKey, RegistryError> {
-        if let Some(dc) = &new.datacenter {
-            self.datacenter(dc).await?;
-        }
         let key = SshKey::new(new, now());
-        let event = NewEvent::new(
-            key.datacenter.clone(),
-            EventBody::SshKeyAdded { name: key.name.clone(), fingerprint: key.fingerprint.clone() },
-        );
-        self.create(Table::SshKeys, "SSH key", key.name.as_str(), &key, event).await?;
-        Ok(key)
+        let mut commit = Commit::new();
+        if let Some(dc) = &key.datacenter {
+            let Some((_, version)) =
+                self.get::<Datacenter>(Table::Datacenters, dc.as_str()).await?
+            else {
+                return Err(RegistryError::NotFound { kind: "datacenter", id: dc.to_string() });
+            };
+            commit = commit.write(Write::check(
+                Table::Datacenters,
+                dc.as_str(),
+                Precondition::Version(version),
+            ));
+        }
+        let commit = commit
+            .write(Write::put(
+                Table::SshKeys,
+                key.name.as_str(),
+                encode(&key)?,
+                Precondition::Absent,
+            ))
+            .event(NewEvent::new(
+                key.datacenter.clone(),
+                EventBody::SshKeyAdded {
+                    name: key.name.clone(),
+                    fingerprint: key.fingerprint.clone(),
+                },
+            ));
+        match self.state.commit(commit).await {
+            Ok(_) => Ok(key),
+            Err(StateError::Conflict { table: Table::SshKeys, .. }) => {
+                Err(RegistryError::AlreadyExists { kind: "SSH key", id: key.name.to_string() })
+            }
+            Err(StateError::Conflict { .. }) => Err(RegistryError::Refused(format!(
+                "datacenter {} changed while the key was added; try again",
+                key.datacenter.as_ref().map(Name::to_string).unwrap_or_default()
+            ))),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub async fn key(&self, name: &Name) -> Result<SshKey, RegistryError> {

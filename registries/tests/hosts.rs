@@ -6,10 +6,13 @@
 use std::sync::Arc;
 
 use ctpf_bus::{BusConfig, MemoryBus};
-use ctpf_common::{MacAddr, NewDatacenter, NewHost};
+use ctpf_common::{MacAddr, NewDatacenter, NewHost, NewSshKey};
 use ctpf_e2e::RedisServer;
 use ctpf_registries::{Filter, Registry, RegistryError};
 use ctpf_store::state::{RedbStateStore, RedisStateStore, StateStore};
+
+const KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@laptop";
 
 fn host(dc: &str, macs: &[&str], uuid: Option<&str>) -> NewHost {
     NewHost {
@@ -81,11 +84,19 @@ async fn identity_contract(state: Arc<dyn StateStore>) {
     reg.create_host(host("home", &["52:54:00:00:03:01"], Some(uuid))).await.unwrap();
     assert!(matches!(reg.delete_host(first.id).await, Err(RegistryError::NotFound { .. })));
 
-    // A forced datacenter delete takes its hosts and frees their identities.
+    // A forced datacenter delete takes its hosts and scoped keys, and frees the identities.
+    let key = NewSshKey {
+        name: "admin".parse().unwrap(),
+        public_key: KEY.parse().unwrap(),
+        datacenter: Some("home".parse().unwrap()),
+        tags: Default::default(),
+    };
+    reg.add_key(key).await.unwrap();
     let dc = "home".parse().unwrap();
     assert!(matches!(reg.delete_datacenter(&dc, false).await, Err(RegistryError::Refused(_))));
     reg.delete_datacenter(&dc, true).await.unwrap();
     assert!(reg.hosts(&Filter::default()).await.unwrap().is_empty());
+    assert!(reg.keys(&Filter::default()).await.unwrap().is_empty());
     assert!(matches!(
         reg.create_host(host("home", &["52:54:00:00:00:01"], None)).await,
         Err(RegistryError::NotFound { kind: "datacenter", .. })
