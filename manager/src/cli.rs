@@ -7,8 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use comfy_table::{Table, presets::NOTHING};
 use ctpf_bus::BusConfig;
 use ctpf_common::{
-    Artifact, Datacenter, Event, Host, Job, JobSpec, Name, NewDatacenter, NewJob, NewSshKey, Role,
-    SshKey, SshPublicKey, Tag, TagSelector, WorkerIdentity,
+    Artifact, ArtifactKind, ArtifactName, Datacenter, Event, Host, Job, JobSpec, Name,
+    NewDatacenter, NewJob, NewSshKey, Role, Sha256Digest, SshKey, SshPublicKey, Tag, TagSelector,
+    WorkerIdentity,
 };
 use ctpf_store::artifacts::S3Config;
 use tokio_util::sync::CancellationToken;
@@ -233,6 +234,26 @@ pub enum ArtifactsCmd {
         #[arg(long = "tag")]
         tags: Vec<String>,
     },
+    /// Upload FILE (streamed; the server hashes it on the way in).
+    Push {
+        file: PathBuf,
+        /// Artifact name (default: the file name).
+        #[arg(long)]
+        name: Option<String>,
+        /// kernel, initrd, bootloader, iso, disk_image, pxe_bundle, script, source, manifest,
+        /// other.
+        #[arg(long, default_value = "other")]
+        kind: String,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Download an artifact, checking its SHA-256 while writing.
+    Pull {
+        name: String,
+        /// Where to write it (default: ./NAME).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -413,21 +434,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Keys(cmd) => keys(&cli, cmd).await,
-        Command::Artifacts(ArtifactsCmd::List { tags }) => {
-            let list: Vec<Artifact> = client(&cli)?.get("/v1/artifacts", &tag_query(tags)?).await?;
-            print(cli.json, &list, &["NAME", "KIND", "SIZE", "DIGEST", "TAGS"], |a| {
-                vec![
-                    a.name.to_string(),
-                    serde_json::to_value(a.kind)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
-                    a.size.to_string(),
-                    a.digest.to_string(),
-                    a.tags.to_string(),
-                ]
-            })
-        }
+        Command::Artifacts(cmd) => artifacts(&cli, cmd).await,
         Command::Jobs(cmd) => jobs(&cli, cmd).await,
         Command::Events(args) => events(&cli, args).await,
     }
@@ -514,6 +521,104 @@ async fn keys(cli: &Cli, cmd: &KeysCmd) -> Result<()> {
             })
         }
     }
+}
+
+async fn artifacts(cli: &Cli, cmd: &ArtifactsCmd) -> Result<()> {
+    let api = client(cli)?;
+    match cmd {
+        ArtifactsCmd::List { tags } => {
+            let list: Vec<Artifact> = api.get("/v1/artifacts", &tag_query(tags)?).await?;
+            print(cli.json, &list, &["NAME", "KIND", "SIZE", "DIGEST", "TAGS"], |a| {
+                vec![
+                    a.name.to_string(),
+                    serde_json::to_value(a.kind)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
+                    a.size.to_string(),
+                    a.digest.to_string(),
+                    a.tags.to_string(),
+                ]
+            })
+        }
+        ArtifactsCmd::Push { file, name, kind, tags } => {
+            let name = match name {
+                Some(n) => n.clone(),
+                None => file
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .context("cannot take a name from the file name; pass --name")?
+                    .to_owned(),
+            };
+            let name = ArtifactName::parse("name", &name)?;
+            let kind: ArtifactKind = kind.parse()?;
+            let mut query = tag_query(tags)?;
+            query.push((
+                "kind",
+                serde_json::to_value(kind)?.as_str().unwrap_or_default().to_owned(),
+            ));
+            let opened = tokio::fs::File::open(file)
+                .await
+                .with_context(|| format!("opening {}", file.display()))?;
+            let stream = tokio_util::io::ReaderStream::with_capacity(opened, 256 * 1024);
+            let body = reqwest::Body::wrap_stream(stream);
+            let art: Artifact =
+                api.put_stream(&format!("/v1/artifacts/{name}"), &query, body).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&art)?);
+            } else {
+                println!("artifact {} stored: {} bytes, {}", art.name, art.size, art.digest);
+            }
+            Ok(())
+        }
+        ArtifactsCmd::Pull { name, output } => {
+            let name = ArtifactName::parse("name", name)?;
+            let output = output.clone().unwrap_or_else(|| PathBuf::from(name.as_str()));
+            let response = api.get_stream(&format!("/v1/artifacts/{name}/content")).await?;
+            let expected = response
+                .headers()
+                .get(reqwest::header::ETAG)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| Sha256Digest::parse("etag", v.trim_matches('"')))
+                .transpose()?
+                .context("the server sent no digest (ETag) to verify against")?;
+            let size = pull_verified(response, &output, expected).await?;
+            println!("{} written: {size} bytes, {expected} verified", output.display());
+            Ok(())
+        }
+    }
+}
+
+/// Streams a download into a temporary file next to `output` while hashing it; renames it
+/// into place only when the digest matches, so a corrupt download never looks finished.
+async fn pull_verified(
+    mut response: reqwest::Response,
+    output: &std::path::Path,
+    expected: Sha256Digest,
+) -> Result<u64> {
+    use sha2::Digest as _;
+    use tokio::io::AsyncWriteExt as _;
+    let dir =
+        output.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+    let temp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("creating a temporary file in {}", dir.display()))?;
+    let (file, temp_path) = temp.into_parts();
+    let mut file = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::from_std(file));
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = response.chunk().await.context("download interrupted")? {
+        hasher.update(&chunk);
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await?;
+    }
+    file.flush().await?;
+    file.into_inner().sync_all().await?;
+    let actual = Sha256Digest::from_bytes(hasher.finalize().into());
+    if actual != expected {
+        bail!("download corrupted: got {actual}, expected {expected}; nothing was written");
+    }
+    temp_path.persist(output).with_context(|| format!("writing {}", output.display()))?;
+    Ok(size)
 }
 
 async fn jobs(cli: &Cli, cmd: &JobsCmd) -> Result<()> {

@@ -56,6 +56,32 @@ impl ApiClient {
         self.send(self.request(reqwest::Method::POST, path).json(body)).await
     }
 
+    /// PUTs a streamed body (uploads of any size, never held in memory).
+    pub async fn put_stream<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+        body: reqwest::Body,
+    ) -> Result<T> {
+        self.send(self.request(reqwest::Method::PUT, path).query(query).body(body)).await
+    }
+
+    /// GETs a body to stream; errors are decoded like the JSON calls'.
+    pub async fn get_stream(&self, path: &str) -> Result<reqwest::Response> {
+        let response = self
+            .request(reqwest::Method::GET, path)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the ctpf API at {}", self.base))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        let message = body["error"]["message"].as_str().unwrap_or("no details");
+        bail!("{message} (status {})", status.as_u16())
+    }
+
     pub async fn delete(&self, path: &str, query: &[(&str, String)]) -> Result<()> {
         let response = self
             .request(reqwest::Method::DELETE, path)

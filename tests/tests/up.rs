@@ -290,3 +290,39 @@ async fn up_with_s3_stores_artifacts_in_the_bucket() {
     let got = http.get(url).bearer_auth(&token).send().await.unwrap().bytes().await.unwrap();
     assert!(got.as_ref() == body.as_slice());
 }
+
+/// `ctpf artifacts push` streams a file in, `pull` streams it back out and checks the digest.
+#[test]
+fn artifacts_push_and_pull_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let up = start_up(&data, "up.log");
+    let file = dir.path().join("vmlinuz-6.1");
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(&file, &bytes).unwrap();
+
+    let out = cli(&up, &data, &["artifacts", "push", file.to_str().unwrap(), "--kind", "kernel"]);
+    assert!(out.contains("artifact vmlinuz-6.1 stored: 3000000 bytes, sha256:"), "{out}");
+    let list = cli(&up, &data, &["artifacts", "list", "--json"]);
+    let list: Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list[0]["kind"], "kernel");
+
+    let pulled = dir.path().join("pulled");
+    let out =
+        cli(&up, &data, &["artifacts", "pull", "vmlinuz-6.1", "-o", pulled.to_str().unwrap()]);
+    assert!(out.contains("verified"), "{out}");
+    assert!(std::fs::read(&pulled).unwrap() == bytes);
+
+    // Unknown names and hostile names fail clearly and write nothing.
+    let token = token(&data);
+    let env = [("CTPF_API", up.api()), ("CTPF_TOKEN", token.as_str())];
+    let missing = dir.path().join("missing");
+    let out =
+        ctpf_cli(&["artifacts", "pull", "nope", "-o", missing.to_str().unwrap()], &env).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
+    assert!(!missing.exists());
+    let out = ctpf_cli(&["artifacts", "pull", "../etc/passwd"], &env).unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid name"));
+}
