@@ -346,6 +346,11 @@ fn print<T: serde::Serialize>(
     Ok(())
 }
 
+/// The snake_case name an enum has in JSON (`disk_image`, `dead_lettered`).
+fn label<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
 fn or_dash<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
@@ -423,10 +428,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                         h.id.to_string(),
                         h.datacenter.to_string(),
                         or_dash(h.hostname.as_ref()),
-                        serde_json::to_value(h.state)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
+                        label(&h.state),
                         h.macs.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(","),
                         h.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(","),
                     ]
@@ -531,10 +533,7 @@ async fn artifacts(cli: &Cli, cmd: &ArtifactsCmd) -> Result<()> {
             print(cli.json, &list, &["NAME", "KIND", "SIZE", "DIGEST", "TAGS"], |a| {
                 vec![
                     a.name.to_string(),
-                    serde_json::to_value(a.kind)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_owned))
-                        .unwrap_or_default(),
+                    label(&a.kind),
                     a.size.to_string(),
                     a.digest.to_string(),
                     a.tags.to_string(),
@@ -553,10 +552,7 @@ async fn artifacts(cli: &Cli, cmd: &ArtifactsCmd) -> Result<()> {
             let name = ArtifactName::parse("name", &name)?;
             let kind: ArtifactKind = kind.parse()?;
             let mut query = tag_query(tags)?;
-            query.push((
-                "kind",
-                serde_json::to_value(kind)?.as_str().unwrap_or_default().to_owned(),
-            ));
+            query.push(("kind", label(&kind)));
             let opened = tokio::fs::File::open(file)
                 .await
                 .with_context(|| format!("opening {}", file.display()))?;
@@ -634,10 +630,7 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> Result<()> {
                     vec![
                         j.id.to_string(),
                         j.spec.kind().to_owned(),
-                        serde_json::to_value(j.status)
-                            .ok()
-                            .and_then(|v| v.as_str().map(str::to_owned))
-                            .unwrap_or_default(),
+                        label(&j.status),
                         if j.selector.tags().is_empty() {
                             "*".into()
                         } else {
