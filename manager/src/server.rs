@@ -211,7 +211,8 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1) };
         tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone()))
     });
-    let served = serve_api(listener, AppState { registry, artifacts }, shutdown.clone()).await;
+    let state = AppState { registry, artifacts, shutdown: shutdown.clone() };
+    let served = serve_api(listener, state, shutdown.clone()).await;
     // Stop in order: no new requests, the local worker finishes its job and reports, then the
     // report loop applies what is left before the process exits.
     shutdown.cancel();

@@ -33,7 +33,8 @@ async fn api() -> Api {
     let registry = Registry::new(state, Arc::new(MemoryBus::new(BusConfig::default())));
     let token = generate_token();
     registry.register_token(&token, "test", TokenRole::Admin).await.unwrap();
-    let (router, spec) = router_and_spec(AppState { registry, artifacts });
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (router, spec) = router_and_spec(AppState { registry, artifacts, shutdown });
     Api { router, spec, token, _dir: dir }
 }
 

@@ -326,3 +326,28 @@ fn artifacts_push_and_pull_round_trip() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid name"));
 }
+
+/// A client following the event stream does not hold up a SIGTERM.
+#[test]
+fn a_following_client_does_not_delay_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let mut up = start_up(&data, "up.log");
+    let token = token(&data);
+    let mut follower = std::process::Command::new(ctpf_e2e::ctpf_binary().unwrap())
+        .args(["events", "--follow"])
+        .env("CTPF_API", up.api())
+        .env("CTPF_TOKEN", &token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Let the follower reach its long poll.
+    std::thread::sleep(Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    assert!(up.terminate().unwrap(), "{}", up.log_text());
+    let took = started.elapsed();
+    let _ = follower.kill();
+    let _ = follower.wait();
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?} with a follower attached");
+}

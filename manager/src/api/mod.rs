@@ -20,6 +20,7 @@ use ctpf_registries::Registry;
 use ctpf_store::artifacts::ArtifactStore;
 use futures::TryStreamExt as _;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 use utoipa::{
     Modify, OpenApi, ToSchema,
     openapi::security::{Http, HttpAuthScheme, SecurityScheme},
@@ -38,6 +39,8 @@ use extract::{ListQuery, ValidJson};
 pub struct AppState {
     pub registry: Registry,
     pub artifacts: Arc<dyn ArtifactStore>,
+    /// Cancelled at shutdown; long polls return early instead of holding the exit up.
+    pub shutdown: CancellationToken,
 }
 
 #[derive(OpenApi)]
@@ -439,6 +442,9 @@ async fn list_events(
         if let Some(seq) = scanned_to {
             cursor = seq;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = s.shutdown.cancelled() => return Ok(Json(events)),
+        }
     }
 }
