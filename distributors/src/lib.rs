@@ -1,4 +1,7 @@
-//! Distributors: the per-datacenter worker. Today it takes jobs from the bus and runs them;
-//! DHCP, TFTP and HTTP boot (issue 3) and the overlay and k3s distributors join it later.
+//! Distributors: the per-datacenter worker. It takes jobs from the bus and serves network
+//! boot on its site: DHCP/proxyDHCP ([`dhcp`]) and TFTP ([`tftp`]) today; HTTP boot, DNS,
+//! SSH, WireGuard and k3s distributors join it in later steps.
 
+pub mod dhcp;
 pub mod jobs;
+pub mod tftp;

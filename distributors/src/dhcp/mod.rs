@@ -1,0 +1,203 @@
+//! DHCP and proxyDHCP for network boot: parse with `dhcproto`, [`decide::decide`], encode.
+//! Everything but [`server`] is pure (no sockets, no clock); the socket loop feeds bytes to
+//! [`DhcpCore::handle`] and sends what it returns ([`server::run`]).
+
+pub mod classify;
+pub mod decide;
+pub mod leases;
+pub mod server;
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use dhcproto::v4::{Message, MessageType};
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+
+pub use classify::{ClientArch, ClientInfo, ClientUuid, Reject, classify};
+pub use decide::{
+    BootConfig, BootTarget, Mode, NetworkConfig, PXE_SKIP_DISCOVERY, RequestPort, boot_target,
+    decide, lease_query,
+};
+pub use leases::{Entry, Lease, LeaseAnswer, LeaseQuery, LeaseTable, Nak, PoolConfig, Seconds};
+
+/// Fixed BOOTP header (236 bytes) plus the magic cookie.
+const HEADER_LEN: usize = 240;
+const MAGIC_COOKIE: [u8; 4] = [99, 130, 83, 99];
+/// BOOTP's minimum message size; some PXE ROMs drop shorter replies (RFC 1542 2.1).
+pub const MIN_REPLY_LEN: usize = 300;
+
+pub const SERVER_PORT: u16 = 67;
+pub const CLIENT_PORT: u16 = 68;
+pub const PXE_PORT: u16 = 4011;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("{0} bytes is shorter than a DHCP header")]
+    TooShort(usize),
+    #[error("no DHCP magic cookie")]
+    BadMagic,
+    #[error("hardware address length {0} is larger than chaddr")]
+    BadHardwareLength(u8),
+    #[error("option {code} has invalid length {len}")]
+    BadOptionLength { code: u8, len: usize },
+    #[error("undecodable: {0}")]
+    Decode(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("encoding DHCP reply: {0}")]
+pub struct EncodeError(#[from] dhcproto::error::EncodeError);
+
+/// Decodes a datagram. Checks first what `dhcproto` 0.15 would panic on in debug builds
+/// (`debug_assert!`s and length underflows on a few options) or later (hlen > 16 makes
+/// `Message::chaddr` slice out of bounds), so hostile input is an error, never a panic.
+pub fn parse(bytes: &[u8]) -> Result<Message, ParseError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(ParseError::TooShort(bytes.len()));
+    }
+    if bytes[236..240] != MAGIC_COOKIE {
+        return Err(ParseError::BadMagic);
+    }
+    if bytes[2] > 16 {
+        return Err(ParseError::BadHardwareLength(bytes[2]));
+    }
+    check_option_lengths(&bytes[HEADER_LEN..])?;
+    Message::decode(&mut Decoder::new(bytes)).map_err(|e| ParseError::Decode(e.to_string()))
+}
+
+/// Walks the options like dhcproto does (consecutive instances of one code are
+/// concatenated, RFC 3396) and rejects lengths its decoder asserts on or underflows with.
+fn check_option_lengths(mut opts: &[u8]) -> Result<(), ParseError> {
+    let mut run: Option<(u8, usize)> = None;
+    let check = |run: Option<(u8, usize)>| match run {
+        Some((code, len)) if !option_length_ok(code, len) => {
+            Err(ParseError::BadOptionLength { code, len })
+        }
+        _ => Ok(()),
+    };
+    loop {
+        match opts {
+            [] | [255, ..] => break,
+            [0, rest @ ..] => {
+                check(run.take())?;
+                opts = rest;
+            }
+            [code, len, rest @ ..] if rest.len() >= usize::from(*len) => {
+                let len = usize::from(*len);
+                run = match run {
+                    Some((c, total)) if c == *code => Some((c, total + len)),
+                    other => {
+                        check(other)?;
+                        Some((*code, len))
+                    }
+                };
+                opts = &rest[len..];
+            }
+            // Truncated option: dhcproto drops it but may still decode the run before it.
+            _ => break,
+        }
+    }
+    check(run)
+}
+
+fn option_length_ok(code: u8, len: usize) -> bool {
+    match code {
+        80 => len == 0,
+        81 => len >= 3,
+        94 => len == 3,
+        151 => len >= 1,
+        152..=155 => len == 4,
+        _ => true,
+    }
+}
+
+/// Encodes a reply, padded to [`MIN_REPLY_LEN`].
+pub fn encode(msg: &Message) -> Result<Vec<u8>, EncodeError> {
+    let mut buf = Vec::with_capacity(MIN_REPLY_LEN);
+    msg.encode(&mut Encoder::new(&mut buf))?;
+    if buf.len() < MIN_REPLY_LEN {
+        buf.resize(MIN_REPLY_LEN, 0);
+    }
+    Ok(buf)
+}
+
+/// Where a reply to a port-67 request goes (RFC 2131 4.1): through the relay if there is
+/// one; NAKs broadcast; to ciaddr when the client has an address; otherwise broadcast
+/// (the RFC's unicast to yiaddr needs an ARP entry we cannot inject from a UDP socket).
+/// Port-4011 replies go back to the datagram's source instead (see [`Destination`]).
+pub fn reply_destination(request: &Message, reply: &Message) -> SocketAddrV4 {
+    let giaddr = request.giaddr();
+    if !giaddr.is_unspecified() {
+        return SocketAddrV4::new(giaddr, SERVER_PORT);
+    }
+    let ciaddr = request.ciaddr();
+    if reply.opts().msg_type() != Some(MessageType::Nak) && !ciaddr.is_unspecified() {
+        return SocketAddrV4::new(ciaddr, CLIENT_PORT);
+    }
+    SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
+}
+
+/// Where the socket loop sends a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    To(SocketAddrV4),
+    /// Back to the address and port the request came from (port 4011 exchanges).
+    Sender,
+}
+
+/// An encoded reply and where it goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub bytes: Vec<u8>,
+    pub destination: Destination,
+    pub reply: Message,
+}
+
+/// The whole pipeline for one datagram: parse, ask the lease table (authoritative mode),
+/// decide, encode. Owns the lease table; still no I/O and no clock.
+#[derive(Debug, Clone)]
+pub struct DhcpCore {
+    pub mode: Mode,
+    pub boot: BootConfig,
+    /// Required in authoritative mode; without it DISCOVERs get no offer.
+    pub leases: Option<LeaseTable>,
+}
+
+impl DhcpCore {
+    pub fn proxy(boot: BootConfig) -> Self {
+        Self { mode: Mode::Proxy, boot, leases: None }
+    }
+
+    pub fn authoritative(boot: BootConfig, net: NetworkConfig, pool: PoolConfig) -> Self {
+        Self { mode: Mode::Authoritative(net), boot, leases: Some(LeaseTable::new(pool)) }
+    }
+
+    pub fn handle(&mut self, bytes: &[u8], port: RequestPort, now: Seconds) -> Option<Outgoing> {
+        let request = match parse(bytes) {
+            Ok(msg) => msg,
+            Err(error) => {
+                tracing::debug!(%error, len = bytes.len(), "dropping undecodable DHCP packet");
+                return None;
+            }
+        };
+        let answer = match (
+            lease_query(&request, port, &self.mode, self.boot.server_ip),
+            &mut self.leases,
+        ) {
+            (Some(query), Some(table)) => table.answer(query, now),
+            _ => None,
+        };
+        let reply = decide(&request, port, &self.mode, &self.boot, answer.as_ref())?;
+        let bytes = match encode(&reply) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                tracing::warn!(%error, "could not encode DHCP reply");
+                return None;
+            }
+        };
+        let destination = match port {
+            RequestPort::Dhcp => Destination::To(reply_destination(&request, &reply)),
+            RequestPort::PxeBootServer => Destination::Sender,
+        };
+        Some(Outgoing { bytes, destination, reply })
+    }
+}
