@@ -369,3 +369,69 @@ async fn openapi_document_matches_the_routes() {
     let served: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(served, serde_json::from_str::<Value>(&generated).unwrap());
 }
+
+#[tokio::test]
+async fn downloads_support_head_ranges_and_conditionals() {
+    let api = api().await;
+    let data: Vec<u8> = (0..100u8).collect();
+    api.upload("initrd", "?kind=initrd", &data).await;
+    let digest = ctpf_common::Sha256Digest::of(&data);
+    let etag = format!("\"{digest}\"");
+    let request = |method: Method, headers: &[(header::HeaderName, &str)]| {
+        let mut req = Request::builder()
+            .method(method)
+            .uri("/v1/artifacts/initrd/content")
+            .header(header::AUTHORIZATION, format!("Bearer {}", api.token));
+        for (name, value) in headers {
+            req = req.header(name, *value);
+        }
+        req.body(Body::empty()).unwrap()
+    };
+    let send = |req: Request<Body>| async {
+        let response = api.router.clone().oneshot(req).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.unwrap().to_bytes().to_vec();
+        (status, headers, body)
+    };
+
+    // A single range, a suffix range and an open-ended one.
+    let (status, headers, body) =
+        send(request(Method::GET, &[(header::RANGE, "bytes=10-19")])).await;
+    assert_eq!(status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(headers[header::CONTENT_RANGE], "bytes 10-19/100");
+    assert_eq!(headers[header::CONTENT_LENGTH], "10");
+    assert_eq!(body, data[10..20]);
+    let (_, headers, body) = send(request(Method::GET, &[(header::RANGE, "bytes=-5")])).await;
+    assert_eq!(
+        (headers[header::CONTENT_RANGE].to_str().unwrap(), &body[..]),
+        ("bytes 95-99/100", &data[95..])
+    );
+    let (_, _, body) = send(request(Method::GET, &[(header::RANGE, "bytes=98-")])).await;
+    assert_eq!(body, data[98..]);
+
+    // Outside the blob: 416 with the size; malformed: the whole blob.
+    let (status, headers, _) = send(request(Method::GET, &[(header::RANGE, "bytes=100-")])).await;
+    assert_eq!(status, StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(headers[header::CONTENT_RANGE], "bytes */100");
+    let (status, _, body) = send(request(Method::GET, &[(header::RANGE, "bytes=oops")])).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 100));
+
+    // Conditionals against the digest ETag.
+    let (status, _, body) = send(request(Method::GET, &[(header::IF_NONE_MATCH, &etag)])).await;
+    assert_eq!((status, body.len()), (StatusCode::NOT_MODIFIED, 0));
+    let stale = [(header::RANGE, "bytes=0-9"), (header::IF_RANGE, "\"sha256:old\"")];
+    let (status, _, body) = send(request(Method::GET, &stale)).await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 100));
+    let fresh = [(header::RANGE, "bytes=0-9"), (header::IF_RANGE, etag.as_str())];
+    let (status, _, body) = send(request(Method::GET, &fresh)).await;
+    assert_eq!((status, body.len()), (StatusCode::PARTIAL_CONTENT, 10));
+
+    // HEAD: the headers of a GET, no body.
+    let (status, headers, body) = send(request(Method::HEAD, &[])).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers[header::CONTENT_LENGTH], "100");
+    assert_eq!(headers[header::ACCEPT_RANGES], "bytes");
+    assert_eq!(headers[header::ETAG], etag.as_str());
+    assert!(body.is_empty());
+}

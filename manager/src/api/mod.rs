@@ -8,7 +8,7 @@ use axum::{
     Json, Router,
     body::Body,
     extract::{Path, Request, State},
-    http::{StatusCode, header},
+    http::{HeaderMap, Method, StatusCode, header},
     middleware::{self, Next},
     response::{IntoResponse, Response},
 };
@@ -27,6 +27,7 @@ use utoipa::{
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+mod download;
 mod error;
 mod extract;
 
@@ -345,46 +346,33 @@ async fn delete_artifact(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Streams an artifact's content. ETag is its digest.
+/// Streams an artifact's content. ETag is its digest; HEAD, one `Range`, `If-None-Match` and
+/// `If-Range` are supported.
 #[utoipa::path(get, path = "/v1/artifacts/{name}/content", tag = "artifacts", params(("name" = String, Path)),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, content_type = "application/octet-stream", body = Vec<u8>), (status = 304), (status = 404, body = ErrorBody), (status = 416)))]
 async fn download_artifact(
     State(s): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
     let name = ArtifactName::parse("name", &name)?;
     let artifact = s.registry.artifact(name.as_str()).await?;
-    stream_blob(&s, &artifact.digest, Some(&artifact.name)).await
+    download::stream_blob(&s, &method, &headers, &artifact.digest, Some(&artifact.name)).await
 }
 
-/// Streams content by digest (what workers fetch into their caches).
+/// Streams content by digest (what workers fetch into their caches); same HTTP features as
+/// the named download.
 #[utoipa::path(get, path = "/v1/blobs/{digest}", tag = "artifacts", params(("digest" = String, Path)),
-    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 206, content_type = "application/octet-stream", body = Vec<u8>), (status = 304), (status = 404, body = ErrorBody), (status = 416)))]
 async fn download_blob(
     State(s): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
     Path(digest): Path<String>,
 ) -> Result<Response, ApiError> {
     let digest = Sha256Digest::parse("digest", &digest)?;
-    stream_blob(&s, &digest, None).await
-}
-
-async fn stream_blob(
-    s: &AppState,
-    digest: &Sha256Digest,
-    name: Option<&ArtifactName>,
-) -> Result<Response, ApiError> {
-    let blob = s.artifacts.get(digest).await?;
-    let stream = tokio_util::io::ReaderStream::with_capacity(blob.reader, 256 * 1024);
-    let mut response = Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, blob.size)
-        .header(header::ETAG, format!("\"{digest}\""));
-    if let Some(name) = name {
-        // ArtifactName admits no quotes or separators, so it is safe inside the header.
-        response = response
-            .header(header::CONTENT_DISPOSITION, format!("attachment; filename=\"{name}\""));
-    }
-    response.body(Body::from_stream(stream)).map_err(|e| ApiError::internal(&e))
+    download::stream_blob(&s, &method, &headers, &digest, None).await
 }
 
 // ---- jobs ----
