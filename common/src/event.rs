@@ -42,20 +42,69 @@ impl NewEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventBody {
-    DatacenterCreated { name: Name },
-    DatacenterDeleted { name: Name },
-    HostRegistered { host_id: Uuid },
-    HostDeleted { host_id: Uuid },
-    SshKeyAdded { name: Name, fingerprint: String },
-    SshKeyDeleted { name: Name },
-    ArtifactStored { name: ArtifactName, digest: Sha256Digest, size: u64 },
-    ArtifactDeleted { name: ArtifactName },
-    JobQueued { job_id: Uuid, selector: String },
-    JobStarted { job_id: Uuid, worker: String, attempt: u32 },
-    JobSucceeded { job_id: Uuid, worker: String },
-    JobFailed { job_id: Uuid, worker: String, error: String, will_retry: bool },
-    JobDeadLettered { job_id: Uuid, reason: String },
-    WorkerStarted { worker: String },
+    DatacenterCreated {
+        name: Name,
+    },
+    DatacenterDeleted {
+        name: Name,
+    },
+    HostRegistered {
+        host_id: Uuid,
+    },
+    /// A machine enrolled with a token: `new` when it got a new host record, otherwise it
+    /// was recognised (by SMBIOS UUID, then MAC) and its record updated.
+    HostEnrolled {
+        host_id: Uuid,
+        new: bool,
+    },
+    /// An enrollment was refused (unknown, used or expired token); `reason` says which.
+    EnrollmentRefused {
+        reason: String,
+    },
+    HostDeleted {
+        host_id: Uuid,
+    },
+    SshKeyAdded {
+        name: Name,
+        fingerprint: String,
+    },
+    SshKeyDeleted {
+        name: Name,
+    },
+    ArtifactStored {
+        name: ArtifactName,
+        digest: Sha256Digest,
+        size: u64,
+    },
+    ArtifactDeleted {
+        name: ArtifactName,
+    },
+    JobQueued {
+        job_id: Uuid,
+        selector: String,
+    },
+    JobStarted {
+        job_id: Uuid,
+        worker: String,
+        attempt: u32,
+    },
+    JobSucceeded {
+        job_id: Uuid,
+        worker: String,
+    },
+    JobFailed {
+        job_id: Uuid,
+        worker: String,
+        error: String,
+        will_retry: bool,
+    },
+    JobDeadLettered {
+        job_id: Uuid,
+        reason: String,
+    },
+    WorkerStarted {
+        worker: String,
+    },
 }
 
 impl EventBody {
@@ -65,6 +114,8 @@ impl EventBody {
             EventBody::DatacenterCreated { .. } => "datacenter_created",
             EventBody::DatacenterDeleted { .. } => "datacenter_deleted",
             EventBody::HostRegistered { .. } => "host_registered",
+            EventBody::HostEnrolled { .. } => "host_enrolled",
+            EventBody::EnrollmentRefused { .. } => "enrollment_refused",
             EventBody::HostDeleted { .. } => "host_deleted",
             EventBody::SshKeyAdded { .. } => "ssh_key_added",
             EventBody::SshKeyDeleted { .. } => "ssh_key_deleted",

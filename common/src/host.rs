@@ -84,6 +84,9 @@ pub struct Host {
     #[schema(value_type = Vec<String>)]
     pub addresses: Vec<IpAddr>,
     pub labels: Tags,
+    /// Hardware facts from the machine's own last report (empty until it enrolls).
+    #[serde(default)]
+    pub inventory: crate::Inventory,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
@@ -104,6 +107,7 @@ impl Host {
             state,
             addresses: new.addresses,
             labels: new.labels,
+            inventory: crate::Inventory::default(),
             created_at: now,
             updated_at: now,
         }

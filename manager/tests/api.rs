@@ -73,6 +73,17 @@ impl Api {
             .unwrap()
     }
 
+    /// `POST /v1/enroll` with an enrollment token instead of the admin token.
+    async fn enroll(&self, token: String, report: Value) -> (StatusCode, Value) {
+        let req = Request::post("/v1/enroll")
+            .header(header::AUTHORIZATION, format!("Bearer {token}"))
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from(report.to_string()))
+            .unwrap();
+        let (status, bytes) = self.raw(req).await;
+        (status, serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null))
+    }
+
     async fn upload(&self, name: &str, query: &str, data: &[u8]) -> (StatusCode, Value) {
         let req = Request::put(format!("/v1/artifacts/{name}{query}"))
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
@@ -126,6 +137,9 @@ async fn every_route_but_health_needs_a_token() {
                 let (status, body) = api.raw(req.body(Body::empty()).unwrap()).await;
                 if path == "/healthz" {
                     assert_eq!(status, StatusCode::OK);
+                } else if path == "/v1/enroll" && auth.is_some_and(|a| a.starts_with("Bearer")) {
+                    // Enrollment tokens are refused as such: 403 (no token at all is 401).
+                    assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path} with {auth:?}");
                 } else {
                     assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path} with {auth:?}");
                     let body: Value = serde_json::from_slice(&body).unwrap();
@@ -434,4 +448,112 @@ async fn downloads_support_head_ranges_and_conditionals() {
     assert_eq!(headers[header::ACCEPT_RANGES], "bytes");
     assert_eq!(headers[header::ETAG], etag.as_str());
     assert!(body.is_empty());
+}
+
+#[tokio::test]
+async fn machines_enroll_with_one_time_tokens_and_keep_one_identity() {
+    let api = api().await;
+    api.call(Method::POST, "/v1/datacenters", Some(json!({"name": "home"}))).await;
+    let issue = |uses: u32| {
+        let body = json!({"datacenter": "home", "ttl_seconds": 600, "uses": uses});
+        api.call(Method::POST, "/v1/enrollment-tokens", Some(body))
+    };
+    let enroll = |token: String, report: Value| api.enroll(token, report);
+    let uuid = "4c4c4544-0042-3510-8051-b3c04f333231";
+    let laptop = json!({"macs": ["52:54:00:aa:00:01"], "smbios_uuid": uuid, "arch": "x86_64",
+        "addresses": ["10.77.0.50"],
+        "inventory": {"serial": "PF0ABC", "cpu_cores": 4, "memory_bytes": 8589934592u64,
+                      "disks": [{"name": "sda", "size_bytes": 256060514304u64}]}});
+
+    let (status, issued) = issue(1).await;
+    assert_eq!(status, StatusCode::CREATED, "{issued}");
+    let token = issued["token"].as_str().unwrap().to_owned();
+    // An enrollment token is no admin token.
+    let req = Request::get("/v1/hosts").header(header::AUTHORIZATION, format!("Bearer {token}"));
+    assert_eq!(api.raw(req.body(Body::empty()).unwrap()).await.0, StatusCode::UNAUTHORIZED);
+
+    let (status, host) = enroll(token.clone(), laptop.clone()).await;
+    assert_eq!(status, StatusCode::CREATED, "{host}");
+    assert_eq!(
+        (host["datacenter"].as_str(), host["arch"].as_str()),
+        (Some("home"), Some("x86_64"))
+    );
+    assert_eq!(host["macs"], json!(["52:54:00:aa:00:01"]));
+    assert_eq!(host["inventory"]["serial"], "PF0ABC");
+    let (_, hosts) = api.call(Method::GET, "/v1/hosts", None).await;
+    assert_eq!(hosts.as_array().unwrap().len(), 1);
+
+    // The token was one-time; unknown tokens and missing ones are refused too.
+    let (status, body) = enroll(token, laptop.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("already used"));
+    let (status, _) = enroll(format!("ctpf_{}", "1".repeat(64)), laptop.clone()).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let req = Request::post("/v1/enroll").header(header::CONTENT_TYPE, "application/json");
+    let req = req.body(Body::from(laptop.to_string())).unwrap();
+    assert_eq!(api.raw(req).await.0, StatusCode::UNAUTHORIZED);
+
+    // The same machine again (a reboot, now with its second NIC up): same host, MACs merged.
+    let (_, issued) = issue(1).await;
+    let mut rebooted = laptop.clone();
+    rebooted["macs"] = json!(["52:54:00:aa:00:02", "52:54:00:aa:00:01"]);
+    let (status, again) = enroll(issued["token"].as_str().unwrap().to_owned(), rebooted).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], host["id"]);
+    assert_eq!(again["macs"], json!(["52:54:00:aa:00:01", "52:54:00:aa:00:02"]));
+
+    // Placeholder UUIDs (all zeros) do not merge different machines; a token for two
+    // machines takes exactly two.
+    let (_, media) = issue(2).await;
+    let media = media["token"].as_str().unwrap().to_owned();
+    for i in 0..3 {
+        let nil = json!({"macs": [format!("52:54:00:bb:00:0{i}")],
+            "smbios_uuid": "00000000-0000-0000-0000-000000000000", "arch": "arm64"});
+        let (status, _) = enroll(media.clone(), nil).await;
+        let want = if i < 2 { StatusCode::CREATED } else { StatusCode::FORBIDDEN };
+        assert_eq!(status, want, "machine {i}");
+    }
+    let (_, hosts) = api.call(Method::GET, "/v1/hosts", None).await;
+    assert_eq!(hosts.as_array().unwrap().len(), 3);
+
+    // Bad input: the field is named.
+    assert_invalid(
+        api.call(
+            Method::POST,
+            "/v1/enrollment-tokens",
+            Some(json!({"datacenter": "home", "ttl_seconds": 0})),
+        )
+        .await,
+        "ttl_seconds",
+    );
+    let (_, issued) = issue(1).await;
+    let bad = json!({"macs": ["52:54:00:cc:00:01"], "arch": "x86_64", "inventory": {"serial": "a\u{7}b"}});
+    assert_invalid(
+        enroll(issued["token"].as_str().unwrap().to_owned(), bad).await,
+        "inventory.serial",
+    );
+
+    // Every enrollment and refusal is in the event log.
+    let (_, events) = api.call(Method::GET, "/v1/events?limit=1000", None).await;
+    let count =
+        |kind: &str| events.as_array().unwrap().iter().filter(|e| e["type"] == kind).count();
+    assert_eq!(count("host_enrolled"), 4);
+    assert_eq!(count("enrollment_refused"), 3);
+}
+
+#[tokio::test]
+async fn expired_enrollment_tokens_are_refused() {
+    let api = api().await;
+    api.call(Method::POST, "/v1/datacenters", Some(json!({"name": "home"}))).await;
+    let body = json!({"datacenter": "home", "ttl_seconds": 1});
+    let (_, issued) = api.call(Method::POST, "/v1/enrollment-tokens", Some(body)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let req = Request::post("/v1/enroll")
+        .header(header::AUTHORIZATION, format!("Bearer {}", issued["token"].as_str().unwrap()))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Body::from(json!({"macs": ["52:54:00:aa:00:01"], "arch": "x86_64"}).to_string()))
+        .unwrap();
+    let (status, body) = api.raw(req).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    assert!(String::from_utf8_lossy(&body).contains("expired"));
 }

@@ -15,6 +15,7 @@ use ctpf_common::{
 use ctpf_store::state::{Commit, Precondition, Record, StateError, StateStore, Table, Write};
 use serde::{Serialize, de::DeserializeOwned};
 
+mod enroll;
 mod tokens;
 
 pub use tokens::generate_token;
@@ -31,6 +32,9 @@ pub enum RegistryError {
     Invalid(#[from] ParseError),
     #[error("{0}")]
     Refused(String),
+    /// A credential was refused (e.g. an unknown, used or expired enrollment token).
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     State(#[from] StateError),
     #[error(transparent)]

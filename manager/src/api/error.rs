@@ -19,8 +19,8 @@ pub struct ErrorBody {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
-    /// Stable machine-readable code: invalid_input, unauthorized, not_found, conflict,
-    /// unavailable, internal.
+    /// Stable machine-readable code: invalid_input, unauthorized, forbidden, not_found,
+    /// conflict, unavailable, internal.
     pub code: &'static str,
     pub message: String,
     /// The request field at fault, for invalid_input.
@@ -104,6 +104,12 @@ impl From<RegistryError> for ApiError {
                 field: None,
             },
             RegistryError::Invalid(p) => p.into(),
+            RegistryError::Forbidden(_) => Self {
+                status: StatusCode::FORBIDDEN,
+                code: "forbidden",
+                message: e.to_string(),
+                field: None,
+            },
             RegistryError::State(StateError::Unavailable(_)) | RegistryError::Bus(_) => {
                 Self::unavailable(&e)
             }

@@ -13,10 +13,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use ctpf_common::{
-    Artifact, ArtifactKind, ArtifactName, Datacenter, Event, Host, Job, Name, NewDatacenter,
-    NewHost, NewJob, NewSshKey, OffsetDateTime, Sha256Digest, SshKey, Tags, Uuid,
+    Artifact, ArtifactKind, ArtifactName, Datacenter, Event, Host, HostReport, Job, Name,
+    NewDatacenter, NewHost, NewJob, NewSshKey, OffsetDateTime, Sha256Digest, SshKey, Tags, Uuid,
 };
-use ctpf_registries::Registry;
+use ctpf_registries::{Registry, TokenRole};
 use ctpf_store::artifacts::ArtifactStore;
 use futures::TryStreamExt as _;
 use serde::Serialize;
@@ -79,6 +79,8 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
         .routes(routes!(list_events))
+        .routes(routes!(issue_enrollment_token))
+        .routes(routes!(enroll))
         .with_state(state.clone())
         .split_for_parts();
     let spec_json = spec.clone();
@@ -92,23 +94,29 @@ pub fn router(state: AppState) -> Router {
     router_and_spec(state).0
 }
 
-const PUBLIC_PATHS: [&str; 2] = ["/healthz", "/openapi.json"];
+/// Routes that take no admin token: health, the API document, and enrollment, which checks
+/// its own (enrollment) token.
+const PUBLIC_PATHS: [&str; 3] = ["/healthz", "/openapi.json", "/v1/enroll"];
+
+/// The token of an `Authorization: Bearer` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    Some(value.strip_prefix("Bearer ")?.trim())
+}
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if PUBLIC_PATHS.contains(&req.uri().path()) {
         return next.run(req).await;
     }
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let Some(token) = token else {
+    let Some(token) = bearer(req.headers()) else {
         return ApiError::unauthorized().into_response();
     };
     match state.registry.verify_token(token).await {
-        Ok(Some(_)) => next.run(req).await,
+        Ok(Some(record)) if record.role == TokenRole::Admin => next.run(req).await,
+        Ok(Some(_)) => {
+            tracing::warn!(path = %req.uri().path(), "non-admin token refused on the admin API");
+            ApiError::unauthorized().into_response()
+        }
         Ok(None) => {
             tracing::warn!(path = %req.uri().path(), "request with an unknown token refused");
             ApiError::unauthorized().into_response()
@@ -400,6 +408,94 @@ async fn submit_job(
     responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
 async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     Ok(Json(s.registry.job(parse_uuid("id", &id)?).await?))
+}
+
+// ---- enrollment ----
+
+/// The bearer token of an enrollment request, checked (401 when absent, 403 when unusable)
+/// before the body is read.
+#[derive(Debug)]
+struct EnrollmentBearer(String);
+
+impl axum::extract::FromRequestParts<AppState> for EnrollmentBearer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or_else(ApiError::unauthorized)?;
+        state.registry.usable_enrollment_token(token).await?;
+        Ok(Self(token.to_owned()))
+    }
+}
+
+/// What an operator asks for when issuing an enrollment token.
+#[derive(Debug, Clone, serde::Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewEnrollmentToken {
+    pub datacenter: Name,
+    /// Seconds the token stays valid (default 3600, at most 30 days).
+    #[serde(default = "default_ttl")]
+    pub ttl_seconds: u64,
+    /// Machines that may enroll with it (default 1; more for boot media).
+    #[serde(default = "default_uses")]
+    pub uses: u32,
+}
+
+fn default_ttl() -> u64 {
+    3600
+}
+
+fn default_uses() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct EnrollmentToken {
+    /// Shown once; only its hash is stored.
+    pub token: String,
+    pub datacenter: Name,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub expires_at: OffsetDateTime,
+    pub uses: u32,
+}
+
+/// Issues an enrollment token for machines joining `datacenter`.
+#[utoipa::path(post, path = "/v1/enrollment-tokens", tag = "enrollment", request_body = NewEnrollmentToken,
+    responses((status = 201, body = EnrollmentToken), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn issue_enrollment_token(
+    State(s): State<AppState>,
+    ValidJson(new): ValidJson<NewEnrollmentToken>,
+) -> Result<(StatusCode, Json<EnrollmentToken>), ApiError> {
+    if !(1..=30 * 24 * 3600).contains(&new.ttl_seconds) {
+        return Err(ApiError::invalid("ttl_seconds", "ttl_seconds must be 1 to 2592000"));
+    }
+    if !(1..=100_000).contains(&new.uses) {
+        return Err(ApiError::invalid("uses", "uses must be 1 to 100000"));
+    }
+    let ttl = Duration::from_secs(new.ttl_seconds);
+    let (token, record) = s.registry.issue_enrollment_token(&new.datacenter, ttl, new.uses).await?;
+    let expires_at = record.expires_at.unwrap_or_else(OffsetDateTime::now_utc);
+    let issued = EnrollmentToken { token, datacenter: new.datacenter, expires_at, uses: new.uses };
+    Ok((StatusCode::CREATED, Json(issued)))
+}
+
+/// A booted machine registers itself. Authorized by its enrollment token (not an admin
+/// token); unknown, used and expired tokens get 403. The same machine enrolling again keeps
+/// its host record (matched by SMBIOS UUID, then MAC): 200 instead of 201.
+#[utoipa::path(post, path = "/v1/enroll", tag = "enrollment", request_body = HostReport,
+    security(("bearer" = [])),
+    responses((status = 201, body = Host), (status = 200, body = Host), (status = 400, body = ErrorBody),
+               (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn enroll(
+    State(s): State<AppState>,
+    EnrollmentBearer(token): EnrollmentBearer,
+    ValidJson(report): ValidJson<HostReport>,
+) -> Result<(StatusCode, Json<Host>), ApiError> {
+    let (host, new) = s.registry.enroll(&token, report).await?;
+    Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, Json(host)))
 }
 
 // ---- events ----

@@ -1,0 +1,222 @@
+//! Enrollment: a booted machine registers itself with a token it was handed (in its kernel
+//! command line or on its boot medium). The token is consumed in the same commit that writes
+//! the host, so a token can never enroll more machines than it allows, even when used twice
+//! at once. A machine keeps one identity across reboots: it is recognised by its SMBIOS UUID
+//! first, then by any of its MACs.
+
+use ctpf_common::{
+    Datacenter, EventBody, Host, HostReport, HostState, NewEvent, NewHost, OffsetDateTime, Uuid,
+};
+use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
+
+use crate::{
+    Registry, RegistryError, decode, encode, identity_keys,
+    tokens::{TokenRecord, TokenRole, token_key},
+};
+
+/// Firmware that ships without a real UUID reports one of these; matching on them would
+/// merge unrelated machines into one host.
+fn meaningful_uuid(uuid: Option<Uuid>) -> Option<Uuid> {
+    uuid.filter(|u| !u.is_nil() && !u.is_max())
+}
+
+impl Registry {
+    /// Enrolls the machine described by `report` with `token`. Returns the host and whether
+    /// it is new. Unknown, used and expired tokens are refused with
+    /// [`RegistryError::Forbidden`] and recorded as `enrollment_refused` events.
+    pub async fn enroll(
+        &self,
+        token: &str,
+        report: HostReport,
+    ) -> Result<(Host, bool), RegistryError> {
+        report.validate()?;
+        let key = token_key(token);
+        // Conflicts mean another enrollment or registration raced this one; look again.
+        for _ in 0..16 {
+            let (record, version, datacenter) = self.usable_enrollment_token(token).await?;
+            let now = OffsetDateTime::now_utc();
+            let mut consumed = record.clone();
+            consumed.uses_left = record.uses_left.map(|n| n - 1);
+            let commit = Commit::new().write(Write::put(
+                Table::Tokens,
+                &key,
+                encode(&consumed)?,
+                Precondition::Version(version),
+            ));
+            let (commit, host, new) = match self.find_enrolling_host(&report).await? {
+                Some((host, version)) => {
+                    self.update_enrolled(commit, host, version, &report, now)?
+                }
+                None => match self.create_enrolled(commit, &datacenter, &report, now).await? {
+                    Some(created) => created,
+                    None => {
+                        return Err(RegistryError::NotFound {
+                            kind: "datacenter",
+                            id: datacenter.to_string(),
+                        });
+                    }
+                },
+            };
+            let commit = commit.event(NewEvent::new(
+                Some(host.datacenter.clone()),
+                EventBody::HostEnrolled { host_id: host.id, new },
+            ));
+            match self.state.commit(commit).await {
+                Ok(_) => {
+                    tracing::info!(host = %host.id, datacenter = %host.datacenter, new, "host enrolled");
+                    return Ok((host, new));
+                }
+                Err(StateError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(RegistryError::Refused("enrollment kept conflicting with other changes; retry".into()))
+    }
+
+    /// The token's record, version and datacenter if it may enroll a machine now; otherwise
+    /// [`RegistryError::Forbidden`] (logged and recorded). Changes nothing, so the API can
+    /// check a token before it even reads the request body.
+    pub async fn usable_enrollment_token(
+        &self,
+        token: &str,
+    ) -> Result<(TokenRecord, u64, ctpf_common::Name), RegistryError> {
+        let key = token_key(token);
+        let Some(stored) = self.state.get(Table::Tokens, &key).await? else {
+            return Err(self.refuse("unknown enrollment token").await);
+        };
+        let record: TokenRecord = decode(Table::Tokens, &key, &stored)?;
+        if record.role != TokenRole::Enrollment {
+            return Err(self.refuse("not an enrollment token").await);
+        }
+        if record.expires_at.is_some_and(|at| at <= OffsetDateTime::now_utc()) {
+            return Err(self.refuse("enrollment token expired").await);
+        }
+        if record.uses_left == Some(0) {
+            return Err(self.refuse("enrollment token already used").await);
+        }
+        let Some(datacenter) = record.datacenter.clone() else {
+            return Err(self.refuse("enrollment token names no datacenter").await);
+        };
+        Ok((record, stored.version, datacenter))
+    }
+
+    /// Logs and records a refused enrollment, and returns the error to answer with.
+    async fn refuse(&self, reason: &str) -> RegistryError {
+        tracing::warn!(reason, "enrollment refused");
+        let event = NewEvent::new(None, EventBody::EnrollmentRefused { reason: reason.to_owned() });
+        if let Err(e) = self.state.commit(Commit::new().event(event)).await {
+            tracing::warn!(error = %e, "could not record a refused enrollment");
+        }
+        RegistryError::Forbidden(reason.to_owned())
+    }
+
+    /// The host this machine already is: by SMBIOS UUID first, then by any MAC.
+    async fn find_enrolling_host(
+        &self,
+        report: &HostReport,
+    ) -> Result<Option<(Host, u64)>, RegistryError> {
+        let uuid_key = meaningful_uuid(report.smbios_uuid).map(|u| format!("uuid:{u}"));
+        let mac_keys = report.macs.iter().map(|m| format!("mac:{m}"));
+        for index_key in uuid_key.into_iter().chain(mac_keys) {
+            let Some(entry) = self.state.get(Table::HostIndex, &index_key).await? else { continue };
+            let host_id = String::from_utf8_lossy(&entry.value).into_owned();
+            if let Some(found) = self.state.get(Table::Hosts, &host_id).await? {
+                return Ok(Some((decode(Table::Hosts, &host_id, &found)?, found.version)));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Adds the update of a known host to `commit`: new MACs (and a first real UUID) are
+    /// claimed in the index, the reported facts replace the old ones.
+    fn update_enrolled(
+        &self,
+        mut commit: Commit,
+        mut host: Host,
+        version: u64,
+        report: &HostReport,
+        now: OffsetDateTime,
+    ) -> Result<(Commit, Host, bool), RegistryError> {
+        let id = host.id.to_string();
+        for mac in &report.macs {
+            if !host.macs.contains(mac) {
+                host.macs.push(*mac);
+                let claim = Write::put(
+                    Table::HostIndex,
+                    format!("mac:{mac}"),
+                    id.clone().into_bytes(),
+                    Precondition::Absent,
+                );
+                commit = commit.write(claim);
+            }
+        }
+        if host.smbios_uuid.is_none()
+            && let Some(uuid) = meaningful_uuid(report.smbios_uuid)
+        {
+            host.smbios_uuid = Some(uuid);
+            let claim = Write::put(
+                Table::HostIndex,
+                format!("uuid:{uuid}"),
+                id.clone().into_bytes(),
+                Precondition::Absent,
+            );
+            commit = commit.write(claim);
+        }
+        host.arch = Some(report.arch);
+        host.addresses = report.addresses.clone();
+        host.inventory = report.inventory.clone();
+        host.updated_at = now;
+        let commit = commit.write(Write::put(
+            Table::Hosts,
+            &id,
+            encode(&host)?,
+            Precondition::Version(version),
+        ));
+        Ok((commit, host, false))
+    }
+
+    /// Adds a new host in `datacenter` to `commit` (claiming its identity and bumping the
+    /// datacenter's version, as [`Registry::create_host`] does). `None` when the datacenter
+    /// is gone.
+    async fn create_enrolled(
+        &self,
+        commit: Commit,
+        datacenter: &ctpf_common::Name,
+        report: &HostReport,
+        now: OffsetDateTime,
+    ) -> Result<Option<(Commit, Host, bool)>, RegistryError> {
+        let Some(stored) = self.state.get(Table::Datacenters, datacenter.as_str()).await? else {
+            return Ok(None);
+        };
+        let dc: Datacenter = decode(Table::Datacenters, datacenter.as_str(), &stored)?;
+        let new = NewHost {
+            datacenter: datacenter.clone(),
+            hostname: None,
+            macs: report.macs.clone(),
+            smbios_uuid: meaningful_uuid(report.smbios_uuid),
+            arch: Some(report.arch),
+            addresses: report.addresses.clone(),
+            labels: Default::default(),
+        };
+        let mut host = Host::new(Uuid::now_v7(), new, HostState::Discovered, now);
+        host.inventory = report.inventory.clone();
+        let id = host.id.to_string();
+        let mut commit = commit
+            .write(Write::put(
+                Table::Datacenters,
+                dc.name.as_str(),
+                encode(&dc)?,
+                Precondition::Version(stored.version),
+            ))
+            .write(Write::put(Table::Hosts, &id, encode(&host)?, Precondition::Absent));
+        for index_key in identity_keys(&host) {
+            commit = commit.write(Write::put(
+                Table::HostIndex,
+                index_key,
+                id.clone().into_bytes(),
+                Precondition::Absent,
+            ));
+        }
+        Ok(Some((commit, host, true)))
+    }
+}
