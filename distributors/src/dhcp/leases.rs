@@ -128,7 +128,7 @@ impl LeaseTable {
         Self { config, reserved, entries: BTreeMap::new(), by_mac: BTreeMap::new() }
     }
 
-    /// Rebuilds a table from persisted entries (later: durable storage). Entries that would
+    /// Rebuilds a table from persisted entries (see `lease_log::restore_table`). Entries that would
     /// break the invariants (a reserved address held by someone else, a second address for
     /// one MAC) are dropped rather than trusted.
     pub fn restore(
@@ -154,6 +154,11 @@ impl LeaseTable {
     /// All entries, for persistence and inspection.
     pub fn entries(&self) -> impl Iterator<Item = (Ipv4Addr, Entry)> + '_ {
         self.entries.iter().map(|(ip, e)| (*ip, *e))
+    }
+
+    /// The entry of `ip`, live or not.
+    pub fn entry(&self, ip: Ipv4Addr) -> Option<Entry> {
+        self.entries.get(&ip).copied()
     }
 
     /// The live binding of `mac`, if any.

@@ -1,9 +1,11 @@
 //! DHCP and proxyDHCP for network boot: parse with `dhcproto`, [`decide::decide`], encode.
-//! Everything but [`server`] is pure (no sockets, no clock); the socket loop feeds bytes to
-//! [`DhcpCore::handle`] and sends what it returns ([`server::run`]).
+//! Everything but [`server`] and [`lease_log`] is pure (no sockets, no clock, no files); the
+//! socket loop feeds bytes to [`DhcpCore::process`], journals the binding changes it reports
+//! and sends what it returns, an ACK only once its lease is durable ([`server::run_with`]).
 
 pub mod classify;
 pub mod decide;
+pub mod lease_log;
 pub mod leases;
 pub mod server;
 
@@ -17,6 +19,7 @@ pub use decide::{
     BootConfig, BootTarget, Mode, NetworkConfig, PXE_SKIP_DISCOVERY, RequestPort, boot_target,
     decide, lease_query,
 };
+pub use lease_log::{Commit, LeaseLog, LogConfig, LogError, LogStats, Record, restore_table};
 pub use leases::{Entry, Lease, LeaseAnswer, LeaseQuery, LeaseTable, Nak, PoolConfig, Seconds};
 
 /// Fixed BOOTP header (236 bytes) plus the magic cookie.
@@ -171,22 +174,51 @@ impl DhcpCore {
         Self { mode: Mode::Authoritative(net), boot, leases: Some(LeaseTable::new(pool)) }
     }
 
+    /// Authoritative mode over an existing table, e.g. one rebuilt by [`restore_table`].
+    pub fn with_table(boot: BootConfig, net: NetworkConfig, table: LeaseTable) -> Self {
+        Self { mode: Mode::Authoritative(net), boot, leases: Some(table) }
+    }
+
+    /// [`DhcpCore::process`] without the journal record: for proxy mode and in-memory use.
+    /// A server with durable leases must use `process` and persist the record.
     pub fn handle(&mut self, bytes: &[u8], port: RequestPort, now: Seconds) -> Option<Outgoing> {
+        self.process(bytes, port, now).outgoing
+    }
+
+    /// Handles one datagram and says what the lease table changed. If both a reply and a
+    /// record come back, the reply (an ACK) must not leave before the record is durable.
+    pub fn process(&mut self, bytes: &[u8], port: RequestPort, now: Seconds) -> Processed {
         let request = match parse(bytes) {
             Ok(msg) => msg,
             Err(error) => {
                 tracing::debug!(%error, len = bytes.len(), "dropping undecodable DHCP packet");
-                return None;
+                return Processed::default();
             }
         };
-        let answer = match (
+        let (answer, record) = match (
             lease_query(&request, port, &self.mode, self.boot.server_ip),
             &mut self.leases,
         ) {
-            (Some(query), Some(table)) => table.answer(query, now),
-            _ => None,
+            (Some(query), Some(table)) => {
+                let before = query_ip(&query).and_then(|ip| table.entry(ip));
+                let answer = table.answer(query, now);
+                let record = journal_record(table, &query, answer.as_ref(), before);
+                (answer, record)
+            }
+            _ => (None, None),
         };
-        let reply = decide(&request, port, &self.mode, &self.boot, answer.as_ref())?;
+        let outgoing = self.reply(&request, port, answer.as_ref());
+        // A REQUEST whose ACK could not be built still changed the table: keep the record.
+        Processed { outgoing, record }
+    }
+
+    fn reply(
+        &self,
+        request: &Message,
+        port: RequestPort,
+        answer: Option<&LeaseAnswer>,
+    ) -> Option<Outgoing> {
+        let reply = decide(request, port, &self.mode, &self.boot, answer)?;
         let bytes = match encode(&reply) {
             Ok(bytes) => bytes,
             Err(error) => {
@@ -195,9 +227,59 @@ impl DhcpCore {
             }
         };
         let destination = match port {
-            RequestPort::Dhcp => Destination::To(reply_destination(&request, &reply)),
+            RequestPort::Dhcp => Destination::To(reply_destination(request, &reply)),
             RequestPort::PxeBootServer => Destination::Sender,
         };
         Some(Outgoing { bytes, destination, reply })
+    }
+}
+
+/// What [`DhcpCore::process`] produced for one datagram.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Processed {
+    pub outgoing: Option<Outgoing>,
+    /// The binding change to journal (authoritative mode only). OFFERs produce none: a
+    /// hold lost in a crash costs the client one more DISCOVER.
+    pub record: Option<Record>,
+}
+
+fn query_ip(query: &LeaseQuery) -> Option<Ipv4Addr> {
+    match query {
+        LeaseQuery::Request { ip, .. }
+        | LeaseQuery::Decline { ip, .. }
+        | LeaseQuery::Release { ip, .. } => Some(*ip),
+        LeaseQuery::Offer { .. } | LeaseQuery::OtherServerChosen { .. } => None,
+    }
+}
+
+/// The record for what `query` did to `table`; `before` is the entry of its address before.
+fn journal_record(
+    table: &LeaseTable,
+    query: &LeaseQuery,
+    answer: Option<&LeaseAnswer>,
+    before: Option<Entry>,
+) -> Option<Record> {
+    match *query {
+        // Every ACK, even one that changed nothing (a retransmitted REQUEST), waits for its
+        // own record: the identical earlier one may still be on its way to disk.
+        LeaseQuery::Request { ip, .. } if matches!(answer, Some(LeaseAnswer::Ack { .. })) => {
+            match table.entry(ip) {
+                Some(Entry::Bound(lease)) => Some(Record::Bind(lease)),
+                _ => None,
+            }
+        }
+        LeaseQuery::Decline { ip, .. } => match table.entry(ip) {
+            Some(Entry::Declined { until }) if table.entry(ip) != before => {
+                Some(Record::Decline { ip, until })
+            }
+            _ => None,
+        },
+        LeaseQuery::Release { mac, ip } => match before {
+            Some(Entry::Bound(lease)) if lease.mac == mac && table.entry(ip).is_none() => {
+                Some(Record::Release { mac, ip })
+            }
+            _ => None,
+        },
+        _ => None,
     }
 }
