@@ -64,6 +64,9 @@ pub enum Command {
     Jobs(JobsCmd),
     /// The event log.
     Events(EventsArgs),
+    /// Enrollment tokens, with which booted machines register themselves.
+    #[command(subcommand, alias = "token")]
+    Tokens(TokensCmd),
 }
 
 #[derive(Debug, Args)]
@@ -275,6 +278,21 @@ pub enum JobsCmd {
     },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum TokensCmd {
+    /// Issue an enrollment token for machines joining DATACENTER.
+    Create {
+        #[arg(long)]
+        datacenter: String,
+        /// Seconds it stays valid.
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+        /// How many machines may enroll with it (1 for a one-time token).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+}
+
 #[derive(Debug, Args)]
 pub struct EventsArgs {
     /// Only events after this sequence number.
@@ -439,6 +457,26 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Artifacts(cmd) => artifacts(&cli, cmd).await,
         Command::Jobs(cmd) => jobs(&cli, cmd).await,
         Command::Events(args) => events(&cli, args).await,
+        Command::Tokens(TokensCmd::Create { datacenter, ttl_seconds, uses }) => {
+            let body = serde_json::json!({
+                "datacenter": Name::parse("datacenter", datacenter)?,
+                "ttl_seconds": ttl_seconds,
+                "uses": uses,
+            });
+            let issued: serde_json::Value =
+                client(&cli)?.post("/v1/enrollment-tokens", &body).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&issued)?);
+            } else {
+                // The token alone on stdout, so scripts can capture it; details on stderr.
+                println!("{}", issued["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "enrollment token for {datacenter}: {uses} use(s), expires {}",
+                    issued["expires_at"].as_str().unwrap_or("?")
+                );
+            }
+            Ok(())
+        }
     }
 }
 

@@ -351,3 +351,31 @@ fn a_following_client_does_not_delay_shutdown() {
     let _ = follower.wait();
     assert!(took < Duration::from_secs(10), "shutdown took {took:?} with a follower attached");
 }
+
+/// The path a booted machine takes: an operator issues a token (`ctpf tokens create`), the
+/// machine posts its report with it, and appears in `ctpf hosts list --json`; the token does
+/// not work twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_enrolls_with_a_token_from_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let up = start_up(&data, "up.log");
+    cli(&up, &data, &["datacenter", "add", "home"]);
+    let token = cli(&up, &data, &["tokens", "create", "--datacenter", "home"]).trim().to_owned();
+    assert!(token.starts_with("ctpf_"), "{token}");
+
+    let report = json!({"macs": ["52:54:00:77:00:10"], "arch": "x86_64",
+        "smbios_uuid": "8b5ba9c6-3c4c-4a5d-9d7e-2a4c1c9d0a11", "addresses": ["10.77.0.100"]});
+    let http = reqwest::Client::new();
+    let enroll =
+        || http.post(format!("{}/v1/enroll", up.api())).bearer_auth(&token).json(&report).send();
+    assert_eq!(enroll().await.unwrap().status(), reqwest::StatusCode::CREATED);
+    assert_eq!(enroll().await.unwrap().status(), reqwest::StatusCode::FORBIDDEN);
+
+    let hosts: Value =
+        serde_json::from_str(&cli(&up, &data, &["hosts", "list", "--json"])).unwrap();
+    assert_eq!(hosts.as_array().unwrap().len(), 1, "{hosts}");
+    assert_eq!(hosts[0]["macs"], json!(["52:54:00:77:00:10"]));
+    assert_eq!(hosts[0]["arch"], "x86_64");
+    assert_eq!(hosts[0]["datacenter"], "home");
+}
