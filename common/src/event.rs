@@ -57,6 +57,10 @@ pub enum EventBody {
         host_id: Uuid,
         new: bool,
     },
+    HostUpdated {
+        host_id: Uuid,
+        state: crate::HostState,
+    },
     /// An enrollment was refused (unknown, used or expired token); `reason` says which.
     EnrollmentRefused {
         reason: String,
@@ -115,6 +119,7 @@ impl EventBody {
             EventBody::DatacenterDeleted { .. } => "datacenter_deleted",
             EventBody::HostRegistered { .. } => "host_registered",
             EventBody::HostEnrolled { .. } => "host_enrolled",
+            EventBody::HostUpdated { .. } => "host_updated",
             EventBody::EnrollmentRefused { .. } => "enrollment_refused",
             EventBody::HostDeleted { .. } => "host_deleted",
             EventBody::SshKeyAdded { .. } => "ssh_key_added",

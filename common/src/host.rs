@@ -70,6 +70,18 @@ impl NewHost {
     }
 }
 
+/// A change to a host: only the fields given are set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostPatch {
+    #[serde(default)]
+    pub state: Option<HostState>,
+    #[serde(default)]
+    pub hostname: Option<Name>,
+    #[serde(default)]
+    pub labels: Option<Tags>,
+}
+
 /// A machine known to ctpf. One identity per machine for its whole life: matched by SMBIOS
 /// UUID first, then by any of its MACs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

@@ -51,7 +51,7 @@ pub use digest::Sha256Digest;
 pub use enroll::{Disk, HostReport, Inventory};
 pub use error::ParseError;
 pub use event::{Event, EventBody, NewEvent};
-pub use host::{Arch, Host, HostState, NewHost};
+pub use host::{Arch, Host, HostPatch, HostState, NewHost};
 pub use job::{Job, JobSpec, JobStatus, NewJob};
 pub use mac::MacAddr;
 pub use name::{ArtifactName, Name};

@@ -141,6 +141,9 @@ pub struct UpArgs {
     /// Address to serve the API on (default: the host and port of --api; port 0 picks one).
     #[arg(long, env = "CTPF_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// The URL booting machines reach ctpf at (default: http:// and the bound address).
+    #[arg(long, env = "CTPF_PUBLIC_URL")]
+    pub public_url: Option<String>,
     /// Datacenter of the built-in worker.
     #[arg(long, env = "CTPF_DATACENTER", default_value = "local")]
     pub datacenter: String,
@@ -155,6 +158,9 @@ pub struct ManagerArgs {
     /// Address to serve the API on (default: the host and port of --api; port 0 picks one).
     #[arg(long, env = "CTPF_LISTEN")]
     pub listen: Option<SocketAddr>,
+    /// The URL booting machines reach ctpf at (default: http:// and the bound address).
+    #[arg(long, env = "CTPF_PUBLIC_URL")]
+    pub public_url: Option<String>,
     #[command(flatten)]
     pub engines: EngineArgs,
 }
@@ -386,6 +392,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let plane = server::ControlPlane {
                 api: listen_addr(args.listen, &cli.api)?,
+                public_url: args.public_url.clone(),
+                boot_datacenter: identity.datacenter.clone(),
                 data_dir,
                 engines: args.engines.engines()?,
                 local_worker: Some(identity),
@@ -402,6 +410,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             let data_dir = args.data.data_dir.clone().unwrap_or_else(default_data_dir);
             let plane = server::ControlPlane {
                 api: listen_addr(args.listen, &cli.api)?,
+                public_url: args.public_url.clone(),
+                boot_datacenter: Name::parse("datacenter", "local")?,
                 data_dir,
                 engines,
                 local_worker: None,

@@ -179,6 +179,10 @@ pub fn cancel_on_signals(token: CancellationToken) -> Result<()> {
 #[derive(Debug)]
 pub struct ControlPlane {
     pub api: SocketAddr,
+    /// The URL booting machines use; `None`: `http://` and the bound address.
+    pub public_url: Option<String>,
+    /// Where machines booting from this control plane enroll.
+    pub boot_datacenter: ctpf_common::Name,
     pub data_dir: PathBuf,
     pub engines: Engines,
     /// The in-process worker of `ctpf up`; `None` for `ctpf manager`.
@@ -211,7 +215,13 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1) };
         tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone()))
     });
-    let state = AppState { registry, artifacts, shutdown: shutdown.clone() };
+    let public_url = match &plane.public_url {
+        Some(url) => url.clone(),
+        None => format!("http://{}", listener.local_addr()?),
+    };
+    let base_url = ctpf_scripts::BaseUrl::parse("public_url", &public_url)?;
+    let boot = api::boot::BootSettings { base_url, datacenter: plane.boot_datacenter };
+    let state = AppState { registry, artifacts, shutdown: shutdown.clone(), boot };
     let served = serve_api(listener, state, shutdown.clone()).await;
     // Stop in order: no new requests, the local worker finishes its job and reports, then the
     // report loop applies what is left before the process exits.

@@ -34,7 +34,11 @@ async fn api() -> Api {
     let token = generate_token();
     registry.register_token(&token, "test", TokenRole::Admin).await.unwrap();
     let shutdown = tokio_util::sync::CancellationToken::new();
-    let (router, spec) = router_and_spec(AppState { registry, artifacts, shutdown });
+    let boot = ctpf_manager::api::boot::BootSettings {
+        base_url: ctpf_scripts::BaseUrl::parse("base_url", "http://10.77.0.1:7480").unwrap(),
+        datacenter: "local".parse().unwrap(),
+    };
+    let (router, spec) = router_and_spec(AppState { registry, artifacts, shutdown, boot });
     Api { router, spec, token, _dir: dir }
 }
 
@@ -71,6 +75,12 @@ impl Api {
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
             .body(Body::empty())
             .unwrap()
+    }
+
+    /// An unauthenticated GET, as a booting machine makes it; the body as text.
+    async fn get_text(&self, uri: String) -> (StatusCode, String) {
+        let (status, bytes) = self.raw(Request::get(uri).body(Body::empty()).unwrap()).await;
+        (status, String::from_utf8(bytes).unwrap())
     }
 
     /// `POST /v1/enroll` with an enrollment token instead of the admin token.
@@ -124,6 +134,7 @@ async fn every_route_but_health_needs_a_token() {
             (Method::POST, item.post.is_some()),
             (Method::PUT, item.put.is_some()),
             (Method::DELETE, item.delete.is_some()),
+            (Method::PATCH, item.patch.is_some()),
         ];
         for (method, present) in methods {
             if !present {
@@ -135,8 +146,9 @@ async fn every_route_but_health_needs_a_token() {
                     req = req.header(header::AUTHORIZATION, auth);
                 }
                 let (status, body) = api.raw(req.body(Body::empty()).unwrap()).await;
-                if path == "/healthz" {
-                    assert_eq!(status, StatusCode::OK);
+                if path == "/healthz" || path.starts_with("/boot") {
+                    // Booting machines have no token; these routes never need one.
+                    assert_ne!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
                 } else if path == "/v1/enroll" && auth.is_some_and(|a| a.starts_with("Bearer")) {
                     // Enrollment tokens are refused as such: 403 (no token at all is 401).
                     assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path} with {auth:?}");
@@ -556,4 +568,66 @@ async fn expired_enrollment_tokens_are_refused() {
     let (status, body) = api.raw(req).await;
     assert_eq!(status, StatusCode::FORBIDDEN);
     assert!(String::from_utf8_lossy(&body).contains("expired"));
+}
+
+/// The HTTP side of a network boot, as iPXE walks it: entry script, per-machine script with a
+/// one-time token, enrollment, and after installation the local disk instead of a loop.
+#[tokio::test]
+async fn boot_scripts_follow_the_machine_life_cycle() {
+    let api = api().await;
+    let get = |uri: String| api.get_text(uri);
+    let (status, entry) = get("/boot.ipxe".into()).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(entry.starts_with("#!ipxe") && entry.contains("http://10.77.0.1:7480/boot/ipxe?mac="));
+
+    let machine = "/boot/ipxe?mac=52-54-00-77-00-10&uuid=8b5ba9c6-3c4c-4a5d-9d7e-2a4c1c9d0a11&arch=x86_64&platform=efi";
+    let (status, first) = get(machine.into()).await;
+    assert_eq!(status, StatusCode::OK, "{first}");
+    assert!(first.contains("/boot/discovery/x86_64/vmlinuz initrd=initrd"), "{first}");
+    let token =
+        first.split_whitespace().find_map(|w| w.strip_prefix("ctpf.token=")).unwrap().to_owned();
+    // Each discovery boot gets its own one-time token.
+    let (_, second) = get(machine.into()).await;
+    assert!(!second.contains(&token));
+
+    // The discovery environment enrolls with it: the host lands in the boot datacenter.
+    let report = json!({"macs": ["52:54:00:77:00:10"], "arch": "x86_64",
+        "smbios_uuid": "8b5ba9c6-3c4c-4a5d-9d7e-2a4c1c9d0a11"});
+    let (status, host) = api.enroll(token, report).await;
+    assert_eq!(status, StatusCode::CREATED, "{host}");
+    assert_eq!(host["datacenter"], "local");
+
+    // Known but not installed: discovery again. Installed: the local disk, no token.
+    let (_, again) = get(machine.into()).await;
+    assert!(again.contains("discovery"), "{again}");
+    let uri = format!("/v1/hosts/{}", host["id"].as_str().unwrap());
+    let (status, patched) =
+        api.call(Method::PATCH, &uri, Some(json!({"state": "installed"}))).await;
+    assert_eq!((status, patched["state"].as_str()), (StatusCode::OK, Some("installed")));
+    let (_, local) = get(machine.into()).await;
+    assert!(local.contains("exit 1") && !local.contains("ctpf.token"), "{local}");
+    assert!(!local.contains("vmlinuz"), "{local}");
+    // Recognised by its UUID even from another NIC.
+    let other_nic = "/boot/ipxe?mac=52-54-00-77-00-11&uuid=8b5ba9c6-3c4c-4a5d-9d7e-2a4c1c9d0a11&arch=i386&platform=pcbios";
+    let (_, bios) = get(other_nic.into()).await;
+    assert!(bios.contains("sanboot --no-describe --drive 0x80"), "{bios}");
+
+    // Hostile or broken queries: 400 naming the field, never a script.
+    let (status, body) =
+        get("/boot/ipxe?mac=52-54-00-77-00-10%0Ashell&arch=x86_64&platform=efi".into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body.contains("\"field\":\"mac\""), "{body}");
+    let (status, _) = get("/boot/ipxe?mac=52-54-00-77-00-10&arch=mips&platform=efi".into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = get("/boot/ipxe?mac=52-54-00-77-00-10".into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    // The discovery image is served from the artifact store, with ranges.
+    let (status, _) = get("/boot/discovery/x86_64/vmlinuz".into()).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    api.upload("discovery-x86_64-vmlinuz", "?kind=kernel", b"kernel bytes").await;
+    let (status, kernel) = get("/boot/discovery/x86_64/vmlinuz".into()).await;
+    assert_eq!((status, kernel.as_str()), (StatusCode::OK, "kernel bytes"));
+    let (status, _) = get("/boot/discovery/x86_64/..%2Fsecret".into()).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
 }

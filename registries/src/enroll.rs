@@ -115,8 +115,18 @@ impl Registry {
         &self,
         report: &HostReport,
     ) -> Result<Option<(Host, u64)>, RegistryError> {
-        let uuid_key = meaningful_uuid(report.smbios_uuid).map(|u| format!("uuid:{u}"));
-        let mac_keys = report.macs.iter().map(|m| format!("mac:{m}"));
+        self.host_by_identity(report.smbios_uuid, &report.macs).await
+    }
+
+    /// The host with this SMBIOS UUID, else with any of these MACs, and its record version.
+    /// Placeholder UUIDs (all zeros or all ones) are not used for matching.
+    pub async fn host_by_identity(
+        &self,
+        smbios_uuid: Option<Uuid>,
+        macs: &[ctpf_common::MacAddr],
+    ) -> Result<Option<(Host, u64)>, RegistryError> {
+        let uuid_key = meaningful_uuid(smbios_uuid).map(|u| format!("uuid:{u}"));
+        let mac_keys = macs.iter().map(|m| format!("mac:{m}"));
         for index_key in uuid_key.into_iter().chain(mac_keys) {
             let Some(entry) = self.state.get(Table::HostIndex, &index_key).await? else { continue };
             let host_id = String::from_utf8_lossy(&entry.value).into_owned();

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use ctpf_bus::{Bus, BusError, JobEnvelope};
 use ctpf_common::{
-    Artifact, Datacenter, Event, EventBody, Host, HostState, Job, JobStatus, Name, NewDatacenter,
-    NewEvent, NewHost, NewJob, NewSshKey, OffsetDateTime, ParseError, SshKey, Tag, Tags, Uuid,
+    Artifact, Datacenter, Event, EventBody, Host, HostPatch, HostState, Job, JobStatus, Name,
+    NewDatacenter, NewEvent, NewHost, NewJob, NewSshKey, OffsetDateTime, ParseError, SshKey, Tag,
+    Tags, Uuid,
 };
 use ctpf_store::state::{Commit, Precondition, Record, StateError, StateStore, Table, Write};
 use serde::{Serialize, de::DeserializeOwned};
@@ -306,6 +307,42 @@ impl Registry {
             .into_iter()
             .filter(|h| filter.matches(Some(&h.datacenter), &h.labels, &dcs))
             .collect())
+    }
+
+    /// Applies `patch` to a host (compare-and-swap on its record, retried on races).
+    pub async fn update_host(&self, id: Uuid, patch: HostPatch) -> Result<Host, RegistryError> {
+        let key = id.to_string();
+        loop {
+            let Some((mut host, version)) = self.get::<Host>(Table::Hosts, &key).await? else {
+                return Err(RegistryError::NotFound { kind: "host", id: key });
+            };
+            if let Some(state) = patch.state {
+                host.state = state;
+            }
+            if let Some(hostname) = &patch.hostname {
+                host.hostname = Some(hostname.clone());
+            }
+            if let Some(labels) = &patch.labels {
+                host.labels = labels.clone();
+            }
+            host.updated_at = now();
+            let commit = Commit::new()
+                .write(Write::put(
+                    Table::Hosts,
+                    &key,
+                    encode(&host)?,
+                    Precondition::Version(version),
+                ))
+                .event(NewEvent::new(
+                    Some(host.datacenter.clone()),
+                    EventBody::HostUpdated { host_id: id, state: host.state },
+                ));
+            match self.state.commit(commit).await {
+                Ok(_) => return Ok(host),
+                Err(StateError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     pub async fn delete_host(&self, id: Uuid) -> Result<(), RegistryError> {

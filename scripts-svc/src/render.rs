@@ -97,9 +97,9 @@ struct EntryScript<'a> {
 
 /// The `#!ipxe` script DHCP points every iPXE at: it finds a NIC with a lease and chains
 /// `{base_url}/boot/ipxe?mac=...&uuid=...&arch=...&platform=...` (see [`crate::BootQuery`]).
-pub fn render_entry(context: &ScriptContext) -> Result<String, ScriptError> {
+pub fn render_entry(base_url: &BaseUrl) -> Result<String, ScriptError> {
     let script = EntryScript {
-        base_url: &context.base_url,
+        base_url,
         max_rounds: ENTRY_MAX_ROUNDS,
         max_nics: ENTRY_MAX_NICS,
         retry_delay_secs: ENTRY_RETRY_DELAY_SECS,

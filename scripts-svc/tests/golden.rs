@@ -33,7 +33,7 @@ fn install_profile(arch: ScriptArch) -> Profile {
 /// (golden file name, rendered script) for every case.
 fn all_scripts() -> Vec<(String, String)> {
     let context = context();
-    let mut scripts = vec![("entry.ipxe".to_owned(), render_entry(&context).unwrap())];
+    let mut scripts = vec![("entry.ipxe".to_owned(), render_entry(&context.base_url).unwrap())];
     for arch in ScriptArch::ALL {
         for profile in [Profile::Discovery, install_profile(arch), Profile::LocalDisk] {
             let name = format!("{}-{}.ipxe", profile.kind(), arch);

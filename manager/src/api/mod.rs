@@ -13,8 +13,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use ctpf_common::{
-    Artifact, ArtifactKind, ArtifactName, Datacenter, Event, Host, HostReport, Job, Name,
-    NewDatacenter, NewHost, NewJob, NewSshKey, OffsetDateTime, Sha256Digest, SshKey, Tags, Uuid,
+    Artifact, ArtifactKind, ArtifactName, Datacenter, Event, Host, HostPatch, HostReport, Job,
+    Name, NewDatacenter, NewHost, NewJob, NewSshKey, OffsetDateTime, Sha256Digest, SshKey, Tags,
+    Uuid,
 };
 use ctpf_registries::{Registry, TokenRole};
 use ctpf_store::artifacts::ArtifactStore;
@@ -27,6 +28,7 @@ use utoipa::{
 };
 use utoipa_axum::{router::OpenApiRouter, routes};
 
+pub mod boot;
 mod download;
 mod error;
 mod extract;
@@ -42,6 +44,7 @@ pub struct AppState {
     pub artifacts: Arc<dyn ArtifactStore>,
     /// Cancelled at shutdown; long polls return early instead of holding the exit up.
     pub shutdown: CancellationToken,
+    pub boot: boot::BootSettings,
 }
 
 #[derive(OpenApi)]
@@ -69,7 +72,7 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(list_datacenters, create_datacenter))
         .routes(routes!(get_datacenter, delete_datacenter))
         .routes(routes!(list_hosts, create_host))
-        .routes(routes!(get_host, delete_host))
+        .routes(routes!(get_host, update_host, delete_host))
         .routes(routes!(list_keys, add_key))
         .routes(routes!(get_key, delete_key))
         .routes(routes!(list_artifacts))
@@ -81,6 +84,9 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(list_events))
         .routes(routes!(issue_enrollment_token))
         .routes(routes!(enroll))
+        .routes(routes!(boot::entry_script))
+        .routes(routes!(boot::machine_script))
+        .routes(routes!(boot::discovery_file))
         .with_state(state.clone())
         .split_for_parts();
     let spec_json = spec.clone();
@@ -94,9 +100,12 @@ pub fn router(state: AppState) -> Router {
     router_and_spec(state).0
 }
 
-/// Routes that take no admin token: health, the API document, and enrollment, which checks
-/// its own (enrollment) token.
-const PUBLIC_PATHS: [&str; 3] = ["/healthz", "/openapi.json", "/v1/enroll"];
+/// Routes that take no admin token: health, the API document, enrollment (which checks its
+/// own enrollment token) and what booting machines fetch.
+fn is_public(path: &str) -> bool {
+    matches!(path, "/healthz" | "/openapi.json" | "/v1/enroll" | "/boot.ipxe")
+        || path.starts_with("/boot/")
+}
 
 /// The token of an `Authorization: Bearer` header.
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -105,7 +114,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if PUBLIC_PATHS.contains(&req.uri().path()) {
+    if is_public(req.uri().path()) {
         return next.run(req).await;
     }
     let Some(token) = bearer(req.headers()) else {
@@ -230,6 +239,18 @@ async fn get_host(
     Path(id): Path<String>,
 ) -> Result<Json<Host>, ApiError> {
     Ok(Json(s.registry.host(parse_uuid("id", &id)?).await?))
+}
+
+/// Changes a host's state, hostname or labels (e.g. `{"state": "installed"}` once its OS is
+/// on disk, so its next network boot goes to the local disk).
+#[utoipa::path(patch, path = "/v1/hosts/{id}", tag = "hosts", params(("id" = String, Path)), request_body = HostPatch,
+    responses((status = 200, body = Host), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+async fn update_host(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    ValidJson(patch): ValidJson<HostPatch>,
+) -> Result<Json<Host>, ApiError> {
+    Ok(Json(s.registry.update_host(parse_uuid("id", &id)?, patch).await?))
 }
 
 #[utoipa::path(delete, path = "/v1/hosts/{id}", tag = "hosts", params(("id" = String, Path)),

@@ -1,0 +1,121 @@
+//! What booting machines fetch over HTTP, without an admin token: the iPXE entry script, the
+//! per-machine script, and the discovery kernel and initrd.
+//!
+//! The per-machine script is where a machine's life is decided: an unknown machine (or one
+//! not installed yet) boots the discovery environment with a fresh one-time enrollment token
+//! on its kernel command line; an installed one boots its local disk, so it never net-boots
+//! into a loop.
+
+use std::time::Duration;
+
+use axum::{
+    extract::{Path, Query, State},
+    http::{HeaderMap, Method, header},
+    response::{IntoResponse, Response},
+};
+use ctpf_common::{HostState, Name, NewDatacenter};
+use ctpf_registries::RegistryError;
+use ctpf_scripts::{BaseUrl, BootQuery, Profile, ScriptContext, render_entry, render_machine};
+
+use super::{ApiError, AppState, download};
+
+/// How machines reach this ctpf, and where unknown machines enroll.
+#[derive(Debug, Clone)]
+pub struct BootSettings {
+    /// The URL booting machines use (not necessarily the address the API binds).
+    pub base_url: BaseUrl,
+    /// The datacenter machines that boot here enroll into; created on first use.
+    pub datacenter: Name,
+}
+
+/// A discovery boot must reach the callback within this; it is one-time anyway.
+const DISCOVERY_TOKEN_TTL: Duration = Duration::from_secs(3600);
+
+fn script(text: String) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response()
+}
+
+fn script_error(e: ctpf_scripts::ScriptError) -> ApiError {
+    match e.field() {
+        Some(field) => ApiError::invalid(field.to_owned(), e.to_string()),
+        None => ApiError::internal(&e),
+    }
+}
+
+/// The entry script DHCP points every iPXE at: DHCP on each NIC, then chain
+/// `/boot/ipxe?mac=...`.
+#[utoipa::path(get, path = "/boot.ipxe", tag = "boot", security(()),
+    responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn entry_script(State(s): State<AppState>) -> Result<Response, ApiError> {
+    Ok(script(render_entry(&s.boot.base_url).map_err(script_error)?))
+}
+
+/// The script for one machine, identified by what iPXE knows of it.
+#[utoipa::path(get, path = "/boot/ipxe", tag = "boot", security(()),
+    params(("mac" = String, Query), ("uuid" = Option<String>, Query), ("arch" = String, Query,
+        description = "iPXE ${buildarch}"), ("platform" = String, Query, description = "iPXE ${platform}"),
+        ("datacenter" = Option<String>, Query)),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 400, body = super::ErrorBody)))]
+pub async fn machine_script(
+    State(s): State<AppState>,
+    Query(query): Query<BootQuery>,
+) -> Result<Response, ApiError> {
+    let request = query.into_request()?;
+    let known = s.registry.host_by_identity(request.uuid, &[request.mac]).await?;
+    let installed = known
+        .as_ref()
+        .is_some_and(|(host, _)| matches!(host.state, HostState::Installed | HostState::Ready));
+    if installed {
+        // The enrollment token is not used by the local-disk script; none is minted.
+        let context = ScriptContext {
+            base_url: s.boot.base_url.clone(),
+            enrollment_token: placeholder_token()?,
+        };
+        let text = render_machine(&context, &request, &Profile::LocalDisk).map_err(script_error)?;
+        return Ok(script(text));
+    }
+    let datacenter = known
+        .map(|(host, _)| host.datacenter)
+        .or_else(|| request.datacenter.clone())
+        .unwrap_or_else(|| s.boot.datacenter.clone());
+    ensure_datacenter(&s, &datacenter).await?;
+    let (token, _) = s.registry.issue_enrollment_token(&datacenter, DISCOVERY_TOKEN_TTL, 1).await?;
+    let context = ScriptContext::new(s.boot.base_url.as_str(), &token).map_err(script_error)?;
+    let text = render_machine(&context, &request, &Profile::Discovery).map_err(script_error)?;
+    tracing::info!(mac = %request.mac, arch = request.arch.as_str(), %datacenter, "discovery boot");
+    Ok(script(text))
+}
+
+/// The local-disk script carries no token; the context still wants a syntactically valid one.
+fn placeholder_token() -> Result<ctpf_scripts::EnrollmentToken, ApiError> {
+    ctpf_scripts::EnrollmentToken::parse("enrollment_token", "none").map_err(ApiError::from)
+}
+
+async fn ensure_datacenter(s: &AppState, name: &Name) -> Result<(), ApiError> {
+    let new = NewDatacenter { name: name.clone(), tags: Default::default() };
+    match s.registry.create_datacenter(new).await {
+        Ok(_) | Err(RegistryError::AlreadyExists { .. }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The discovery kernel (`vmlinuz`) or initramfs (`initrd`) for an architecture, from the
+/// artifact named `discovery-ARCH-FILE`; Range and HEAD work as for any download.
+#[utoipa::path(get, path = "/boot/discovery/{arch}/{file}", tag = "boot", security(()),
+    params(("arch" = String, Path, description = "x86_64 or arm64"), ("file" = String, Path, description = "vmlinuz or initrd")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = super::ErrorBody)))]
+pub async fn discovery_file(
+    State(s): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    Path((arch, file)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    if !matches!(arch.as_str(), "x86_64" | "arm64") {
+        return Err(ApiError::invalid("arch", "arch must be x86_64 or arm64"));
+    }
+    if !matches!(file.as_str(), "vmlinuz" | "initrd") {
+        return Err(ApiError::invalid("file", "file must be vmlinuz or initrd"));
+    }
+    let artifact = s.registry.artifact(&format!("discovery-{arch}-{file}")).await?;
+    download::stream_blob(&s, &method, &headers, &artifact.digest, None).await
+}
