@@ -14,7 +14,7 @@ use ctpf_common::{
 use ctpf_store::artifacts::S3Config;
 use tokio_util::sync::CancellationToken;
 
-use crate::{client::ApiClient, server};
+use crate::{boot_flags::BootArgs, client::ApiClient, server};
 
 #[derive(Debug, Parser)]
 #[command(name = "ctpf", version, about = "Turn bare machines into cluster nodes.")]
@@ -133,34 +133,38 @@ impl EngineArgs {
     }
 }
 
+/// Where a control plane serves its API, and how booting machines reach it.
 #[derive(Debug, Args)]
-pub struct UpArgs {
-    #[command(flatten)]
-    pub data: DataDirArg,
-    /// Address of the API.
+pub struct ServeArgs {
     /// Address to serve the API on (default: the host and port of --api; port 0 picks one).
     #[arg(long, env = "CTPF_LISTEN")]
     pub listen: Option<SocketAddr>,
     /// The URL booting machines reach ctpf at (default: http:// and the bound address).
     #[arg(long, env = "CTPF_PUBLIC_URL")]
     pub public_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub data: DataDirArg,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     /// Datacenter of the built-in worker.
     #[arg(long, env = "CTPF_DATACENTER", default_value = "local")]
     pub datacenter: String,
     #[command(flatten)]
     pub engines: EngineArgs,
+    #[command(flatten)]
+    pub boot: BootArgs,
 }
 
 #[derive(Debug, Args)]
 pub struct ManagerArgs {
     #[command(flatten)]
     pub data: DataDirArg,
-    /// Address to serve the API on (default: the host and port of --api; port 0 picks one).
-    #[arg(long, env = "CTPF_LISTEN")]
-    pub listen: Option<SocketAddr>,
-    /// The URL booting machines reach ctpf at (default: http:// and the bound address).
-    #[arg(long, env = "CTPF_PUBLIC_URL")]
-    pub public_url: Option<String>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
     #[command(flatten)]
     pub engines: EngineArgs,
 }
@@ -390,13 +394,21 @@ pub async fn run(cli: Cli) -> Result<()> {
                 tags: Default::default(),
                 roles: vec![Role::Distributor, Role::Builder, Role::Packager],
             };
+            let boot_service = args.boot.service_config(&data_dir)?;
+            let mut api = listen_addr(args.serve.listen, &cli.api)?;
+            // Booting machines cannot reach a loopback API (the default --api): serve it on
+            // every address instead, so the local CLI and the boot network both reach it.
+            if boot_service.is_some() && args.serve.listen.is_none() && api.ip().is_loopback() {
+                api.set_ip(std::net::Ipv4Addr::UNSPECIFIED.into());
+            }
             let plane = server::ControlPlane {
-                api: listen_addr(args.listen, &cli.api)?,
-                public_url: args.public_url.clone(),
+                api,
+                public_url: args.serve.public_url.clone(),
                 boot_datacenter: identity.datacenter.clone(),
                 data_dir,
                 engines: args.engines.engines()?,
                 local_worker: Some(identity),
+                boot_service,
             };
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone())?;
@@ -409,12 +421,13 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             let data_dir = args.data.data_dir.clone().unwrap_or_else(default_data_dir);
             let plane = server::ControlPlane {
-                api: listen_addr(args.listen, &cli.api)?,
-                public_url: args.public_url.clone(),
+                api: listen_addr(args.serve.listen, &cli.api)?,
+                public_url: args.serve.public_url.clone(),
                 boot_datacenter: Name::parse("datacenter", "local")?,
                 data_dir,
                 engines,
                 local_worker: None,
+                boot_service: None,
             };
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone())?;

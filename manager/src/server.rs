@@ -12,7 +12,10 @@ use std::{
 use anyhow::{Context as _, Result};
 use ctpf_bus::{Bus, BusConfig, MemoryBus, RedisBus};
 use ctpf_common::WorkerIdentity;
-use ctpf_distributors::jobs::WorkerConfig;
+use ctpf_distributors::{
+    boot_service::{BootService, BootServiceConfig},
+    jobs::WorkerConfig,
+};
 use ctpf_registries::{Registry, TokenRole, generate_token};
 use ctpf_store::{
     artifacts::{ArtifactStore, FsArtifactStore, S3ArtifactStore, S3Config},
@@ -187,6 +190,9 @@ pub struct ControlPlane {
     pub engines: Engines,
     /// The in-process worker of `ctpf up`; `None` for `ctpf manager`.
     pub local_worker: Option<WorkerIdentity>,
+    /// DHCP and TFTP on the boot interface (`ctpf up --boot-interface`). Its boot URLs are
+    /// set here once the API is bound, because its port may only be known then.
+    pub boot_service: Option<BootServiceConfig>,
 }
 
 pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken) -> Result<()> {
@@ -207,6 +213,29 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
     }
 
     let listener = bind(plane.api, "api").await?;
+    let public_url = match (&plane.public_url, &plane.boot_service) {
+        (Some(url), _) => url.clone(),
+        // Bound to all addresses for the boot network: machines there use the interface's.
+        (None, Some(boot)) if listener.local_addr()?.ip().is_unspecified() => {
+            format!("http://{}:{}", boot.address, listener.local_addr()?.port())
+        }
+        (None, _) => format!("http://{}", listener.local_addr()?),
+    };
+    let base_url = ctpf_scripts::BaseUrl::parse("public_url", &public_url)?;
+    let boot_service = match plane.boot_service {
+        Some(config) => {
+            let boot = crate::boot_flags::boot_config(config.address, &public_url);
+            let service = BootService::bind(BootServiceConfig { boot, ..config }).await?;
+            let stop_all = shutdown.clone();
+            // A failed boot socket stops `ctpf up` rather than leaving it half-working.
+            Some(tokio::spawn(async move {
+                let served = service.run(stop_all.clone()).await;
+                stop_all.cancel();
+                served
+            }))
+        }
+        None => None,
+    };
     let stop_ingest = CancellationToken::new();
     let consumer = format!("manager-{}", std::process::id());
     let ingest = tokio::spawn(ingest_reports(registry.clone(), consumer, stop_ingest.clone()));
@@ -215,11 +244,6 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1) };
         tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone()))
     });
-    let public_url = match &plane.public_url {
-        Some(url) => url.clone(),
-        None => format!("http://{}", listener.local_addr()?),
-    };
-    let base_url = ctpf_scripts::BaseUrl::parse("public_url", &public_url)?;
     let boot = api::boot::BootSettings { base_url, datacenter: plane.boot_datacenter };
     let state = AppState { registry, artifacts, shutdown: shutdown.clone(), boot };
     let served = serve_api(listener, state, shutdown.clone()).await;
@@ -231,6 +255,9 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
     }
     stop_ingest.cancel();
     let _ = ingest.await;
+    if let Some(boot_service) = boot_service {
+        boot_service.await.context("boot service task")??;
+    }
     served?;
     tracing::info!("stopped");
     Ok(())

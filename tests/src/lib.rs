@@ -187,8 +187,26 @@ impl CtpfProcess {
     /// "listening on" for servers, "ready" for workers).
     pub fn start(args: &[&str], env: &[(&str, &str)], log: PathBuf, ready: &str) -> Result<Self> {
         let mut cmd = Command::new(ctpf_binary()?);
-        cmd.args(args)
-            .envs(env.iter().copied())
+        cmd.args(args);
+        Self::spawn(cmd, env, log, ready)
+    }
+
+    /// Like [`CtpfProcess::start`], inside network namespace `netns` (`ip netns exec` execs
+    /// ctpf in place, so the child's pid is ctpf's and signals reach it).
+    pub fn start_in_netns(
+        netns: &Netns,
+        args: &[&str],
+        env: &[(&str, &str)],
+        log: PathBuf,
+        ready: &str,
+    ) -> Result<Self> {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns.name()]).arg(ctpf_binary()?).args(args);
+        Self::spawn(cmd, env, log, ready)
+    }
+
+    fn spawn(mut cmd: Command, env: &[(&str, &str)], log: PathBuf, ready: &str) -> Result<Self> {
+        cmd.envs(env.iter().copied())
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -284,4 +302,76 @@ pub fn ctpf_cli(args: &[&str], env: &[(&str, &str)]) -> Result<std::process::Out
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()?)
+}
+
+/// A network namespace of a test's own, deleted on drop (also when the test panics), which
+/// also destroys every interface in it and the veth peers of those. Tests only ever touch
+/// interfaces inside namespaces they created.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `PREFIX-<random>` with its loopback up.
+    pub fn create(prefix: &str) -> Result<Self> {
+        let name = format!("{prefix}-{}", unique_suffix());
+        run_checked(Command::new("ip").args(["netns", "add", &name]))
+            .context("creating a network namespace (needs root and iproute2)")?;
+        let netns = Self { name };
+        netns.ip(&["link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `ip -n NAME ARGS...`, failing with its stderr.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        run_checked(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// A command that runs `program` inside the namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, program]);
+        cmd
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let deleted = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !deleted.is_ok_and(|s| s.success()) {
+            eprintln!("could not delete network namespace {}", self.name);
+        }
+    }
+}
+
+/// Short and random enough that parallel test runs do not collide: 6 hex digits from the
+/// clock and the process id.
+pub fn unique_suffix() -> String {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    format!("{:06x}", hasher.finish() & 0xff_ffff)
+}
+
+fn run_checked(cmd: &mut Command) -> Result<()> {
+    let output = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
+    if !output.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+    }
+    Ok(())
 }

@@ -1,9 +1,8 @@
 //! The thin socket loop around [`DhcpCore`]: receive, hand the bytes to the core, send what
 //! it returns. All protocol decisions live in the pure modules.
 //!
-//! Limits (later work): the socket is not bound to one interface (SO_BINDTODEVICE needs a
-//! crate we do not depend on yet), so on a multi-homed host broadcasts leave by the default
-//! route's interface; run it in a namespace or on a single-NIC host until then.
+//! [`bind`] does not tie the socket to an interface; [`crate::boot_service`] binds with
+//! SO_BINDTODEVICE, so on a multi-homed host broadcasts leave by the boot interface.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};

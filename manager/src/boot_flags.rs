@@ -1,0 +1,259 @@
+//! The network-boot flags of `ctpf up` (`--boot-interface`, `--dhcp*`, `--tftp-root`) and
+//! how they become a [`BootServiceConfig`]. Every error names the flag at fault.
+
+use std::{
+    net::Ipv4Addr,
+    ops::RangeInclusive,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, ValueEnum};
+use ctpf_common::MacAddr;
+use ctpf_distributors::{
+    boot_service::{BootServiceConfig, DhcpSetting},
+    dhcp::{BootConfig, NetworkConfig},
+};
+
+/// Where Debian's `ipxe` package puts undionly.kpxe and ipxe.efi.
+const DEBIAN_IPXE_DIR: &str = "/usr/lib/ipxe";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DhcpMode {
+    /// Add boot information to the offers of the network's own DHCP server.
+    Proxy,
+    /// Hand out addresses from --dhcp-range (a network without another DHCP server).
+    Authoritative,
+    /// No DHCP; only TFTP (another DHCP server points machines here).
+    Off,
+}
+
+#[derive(Debug, Args)]
+pub struct BootArgs {
+    /// Serve network boot (DHCP, TFTP) on this interface. Without --listen, the API then
+    /// listens on all addresses so booting machines can reach it.
+    #[arg(long, env = "CTPF_BOOT_INTERFACE", value_name = "IFACE")]
+    pub boot_interface: Option<String>,
+    /// DHCP role on the boot interface [default: proxy].
+    #[arg(long, env = "CTPF_DHCP", value_enum)]
+    pub dhcp: Option<DhcpMode>,
+    /// Addresses handed out in authoritative mode, e.g. 192.168.77.100-192.168.77.199.
+    #[arg(long, env = "CTPF_DHCP_RANGE", value_name = "FIRST-LAST")]
+    pub dhcp_range: Option<String>,
+    /// A fixed address for one machine (authoritative mode), repeatable.
+    #[arg(long = "dhcp-reserve", value_name = "MAC=IP")]
+    pub dhcp_reservations: Vec<String>,
+    /// Directory served over TFTP [default: /usr/lib/ipxe if it exists, else DATA_DIR/tftp].
+    #[arg(long, env = "CTPF_TFTP_ROOT", value_name = "DIR")]
+    pub tftp_root: Option<PathBuf>,
+}
+
+impl BootArgs {
+    /// The boot service to run, or `None` without `--boot-interface`. Its `boot` URLs are
+    /// placeholders until the API is bound (see `server::run_control_plane`).
+    pub fn service_config(&self, data_dir: &Path) -> Result<Option<BootServiceConfig>> {
+        let Some(interface) = &self.boot_interface else {
+            let stray = [
+                ("--dhcp", self.dhcp.is_some()),
+                ("--dhcp-range", self.dhcp_range.is_some()),
+                ("--dhcp-reserve", !self.dhcp_reservations.is_empty()),
+                ("--tftp-root", self.tftp_root.is_some()),
+            ];
+            if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
+                bail!("{flag} needs --boot-interface IFACE");
+            }
+            return Ok(None);
+        };
+        let (address, netmask) = interface_ipv4(interface)?;
+        let mode = self.dhcp.unwrap_or(DhcpMode::Proxy);
+        if mode != DhcpMode::Authoritative {
+            if self.dhcp_range.is_some() {
+                bail!("--dhcp-range is only used with --dhcp authoritative");
+            }
+            if !self.dhcp_reservations.is_empty() {
+                bail!("--dhcp-reserve is only used with --dhcp authoritative");
+            }
+        }
+        let dhcp = match mode {
+            DhcpMode::Off => DhcpSetting::Off,
+            DhcpMode::Proxy => DhcpSetting::Proxy,
+            DhcpMode::Authoritative => {
+                let range = self
+                    .dhcp_range
+                    .as_deref()
+                    .context("--dhcp authoritative needs --dhcp-range FIRST-LAST")?;
+                let range = parse_range(range, address, netmask)?;
+                let reservations = self
+                    .dhcp_reservations
+                    .iter()
+                    .map(|text| parse_reservation(text, address, netmask))
+                    .collect::<Result<_>>()?;
+                DhcpSetting::Authoritative {
+                    range,
+                    reservations,
+                    // No router or DNS: a provisioning network of its own needs neither to
+                    // boot, and guessing them wrong would break the machines' networking.
+                    network: NetworkConfig {
+                        subnet_mask: netmask,
+                        routers: Vec::new(),
+                        dns_servers: Vec::new(),
+                        domain_name: None,
+                    },
+                    journal: data_dir.join("dhcp-leases.journal"),
+                }
+            }
+        };
+        Ok(Some(BootServiceConfig {
+            interface: interface.clone(),
+            address,
+            dhcp,
+            tftp_root: self.tftp_root(data_dir)?,
+            boot: BootConfig::standard(address, 0),
+        }))
+    }
+
+    fn tftp_root(&self, data_dir: &Path) -> Result<PathBuf> {
+        if let Some(root) = &self.tftp_root {
+            if !root.is_dir() {
+                bail!("--tftp-root {}: not a directory", root.display());
+            }
+            return Ok(root.clone());
+        }
+        if Path::new(DEBIAN_IPXE_DIR).is_dir() {
+            return Ok(PathBuf::from(DEBIAN_IPXE_DIR));
+        }
+        let root = data_dir.join("tftp");
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("creating the TFTP root {}", root.display()))?;
+        tracing::warn!(
+            root = %root.display(),
+            "{DEBIAN_IPXE_DIR} does not exist (apt-get install ipxe); serving TFTP from DATA_DIR/tftp"
+        );
+        Ok(root)
+    }
+}
+
+/// The boot URLs once the API's public URL is known: iPXE gets `{public_url}/boot.ipxe`.
+pub fn boot_config(address: Ipv4Addr, public_url: &str) -> BootConfig {
+    let base = public_url.trim_end_matches('/');
+    BootConfig {
+        http_boot_url_x64: format!("{base}/ipxe.efi"),
+        http_boot_url_arm64: format!("{base}/ipxe-arm64.efi"),
+        ipxe_script_url: format!("{base}/boot.ipxe"),
+        ..BootConfig::standard(address, 0)
+    }
+}
+
+/// The first IPv4 address of `interface` and its netmask.
+fn interface_ipv4(interface: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let addrs = nix::ifaddrs::getifaddrs().context("listing network interfaces")?;
+    let mut exists = false;
+    for ifaddr in addrs.filter(|a| a.interface_name == interface) {
+        exists = true;
+        let ipv4 = |a: Option<nix::sys::socket::SockaddrStorage>| {
+            a.and_then(|a| a.as_sockaddr_in().map(|sin| sin.ip()))
+        };
+        if let Some(address) = ipv4(ifaddr.address) {
+            let netmask = ipv4(ifaddr.netmask).unwrap_or(Ipv4Addr::new(255, 255, 255, 255));
+            return Ok((address, netmask));
+        }
+    }
+    if exists {
+        bail!("--boot-interface {interface}: the interface has no IPv4 address");
+    }
+    bail!("--boot-interface {interface}: no such network interface");
+}
+
+fn in_subnet(ip: Ipv4Addr, address: Ipv4Addr, netmask: Ipv4Addr) -> bool {
+    ip.to_bits() & netmask.to_bits() == address.to_bits() & netmask.to_bits()
+}
+
+fn parse_range(
+    text: &str,
+    address: Ipv4Addr,
+    netmask: Ipv4Addr,
+) -> Result<RangeInclusive<Ipv4Addr>> {
+    let bad = |why: &str| anyhow::anyhow!("--dhcp-range {text:?}: {why}");
+    let (first, last) = text.split_once('-').ok_or_else(|| bad("expected FIRST-LAST"))?;
+    let first: Ipv4Addr = first.trim().parse().map_err(|_| bad("FIRST is not an IPv4 address"))?;
+    let last: Ipv4Addr = last.trim().parse().map_err(|_| bad("LAST is not an IPv4 address"))?;
+    if first > last {
+        return Err(bad("FIRST comes after LAST"));
+    }
+    if !in_subnet(first, address, netmask) || !in_subnet(last, address, netmask) {
+        return Err(bad(&format!("not inside the boot interface's subnet {address}/{netmask}")));
+    }
+    if (first..=last).contains(&address) {
+        return Err(bad(&format!("contains the boot interface's own address {address}")));
+    }
+    Ok(first..=last)
+}
+
+fn parse_reservation(
+    text: &str,
+    address: Ipv4Addr,
+    netmask: Ipv4Addr,
+) -> Result<(MacAddr, Ipv4Addr)> {
+    let bad = |why: &str| anyhow::anyhow!("--dhcp-reserve {text:?}: {why}");
+    let (mac, ip) = text.split_once('=').ok_or_else(|| bad("expected MAC=IP"))?;
+    let mac = MacAddr::parse("--dhcp-reserve", mac.trim()).map_err(|e| bad(&e.to_string()))?;
+    let ip: Ipv4Addr = ip.trim().parse().map_err(|_| bad("IP is not an IPv4 address"))?;
+    if !in_subnet(ip, address, netmask) || ip == address {
+        return Err(bad(&format!("IP must be another address in {address}/{netmask}")));
+    }
+    Ok((mac, ip))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const ADDR: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+    const MASK: Ipv4Addr = Ipv4Addr::new(255, 255, 255, 0);
+
+    #[test]
+    fn parses_a_range_inside_the_subnet() {
+        let range = parse_range("10.77.0.100-10.77.0.150", ADDR, MASK).unwrap();
+        assert_eq!(range, Ipv4Addr::new(10, 77, 0, 100)..=Ipv4Addr::new(10, 77, 0, 150));
+    }
+
+    #[test]
+    fn bad_ranges_name_the_flag() {
+        for bad in [
+            "10.77.0.100",
+            "10.77.0.150-10.77.0.100",
+            "10.77.1.100-10.77.1.150",
+            "10.77.0.1-10.77.0.10",
+            "x-10.77.0.5",
+        ] {
+            let error = parse_range(bad, ADDR, MASK).unwrap_err().to_string();
+            assert!(error.starts_with("--dhcp-range"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn parses_reservations() {
+        let (mac, ip) = parse_reservation("52:54:00:12:34:56=10.77.0.20", ADDR, MASK).unwrap();
+        assert_eq!(mac.to_string(), "52:54:00:12:34:56");
+        assert_eq!(ip, Ipv4Addr::new(10, 77, 0, 20));
+        for bad in ["52:54:00:12:34:56", "nope=10.77.0.20", "52:54:00:12:34:56=10.78.0.2"] {
+            let error = parse_reservation(bad, ADDR, MASK).unwrap_err().to_string();
+            assert!(error.starts_with("--dhcp-reserve"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn unknown_interface_names_the_flag() {
+        let error = interface_ipv4("ctpf-no-such-if0").unwrap_err().to_string();
+        assert!(error.contains("--boot-interface"), "{error}");
+    }
+
+    #[test]
+    fn boot_urls_follow_the_public_url() {
+        let boot = boot_config(ADDR, "http://10.77.0.1:7480/");
+        assert_eq!(boot.ipxe_script_url, "http://10.77.0.1:7480/boot.ipxe");
+        assert_eq!(boot.tftp_server, ADDR);
+        assert_eq!(boot.bios_file, "undionly.kpxe");
+    }
+}
