@@ -43,6 +43,13 @@ pub struct BootArgs {
     /// A fixed address for one machine (authoritative mode), repeatable.
     #[arg(long = "dhcp-reserve", value_name = "MAC=IP")]
     pub dhcp_reservations: Vec<String>,
+    /// Default gateway handed out in authoritative mode (none by default: an isolated
+    /// provisioning network needs none, and a wrong guess breaks the machines' networking).
+    #[arg(long, env = "CTPF_DHCP_ROUTER", value_name = "IP")]
+    pub dhcp_router: Option<Ipv4Addr>,
+    /// DNS servers handed out in authoritative mode, repeatable.
+    #[arg(long = "dhcp-dns", env = "CTPF_DHCP_DNS", value_delimiter = ',', value_name = "IP")]
+    pub dhcp_dns: Vec<Ipv4Addr>,
     /// Directory served over TFTP [default: /usr/lib/ipxe if it exists, else DATA_DIR/tftp].
     #[arg(long, env = "CTPF_TFTP_ROOT", value_name = "DIR")]
     pub tftp_root: Option<PathBuf>,
@@ -57,6 +64,8 @@ impl BootArgs {
                 ("--dhcp", self.dhcp.is_some()),
                 ("--dhcp-range", self.dhcp_range.is_some()),
                 ("--dhcp-reserve", !self.dhcp_reservations.is_empty()),
+                ("--dhcp-router", self.dhcp_router.is_some()),
+                ("--dhcp-dns", !self.dhcp_dns.is_empty()),
                 ("--tftp-root", self.tftp_root.is_some()),
             ];
             if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
@@ -72,6 +81,9 @@ impl BootArgs {
             }
             if !self.dhcp_reservations.is_empty() {
                 bail!("--dhcp-reserve is only used with --dhcp authoritative");
+            }
+            if self.dhcp_router.is_some() || !self.dhcp_dns.is_empty() {
+                bail!("--dhcp-router and --dhcp-dns are only used with --dhcp authoritative");
             }
         }
         let dhcp = match mode {
@@ -91,12 +103,14 @@ impl BootArgs {
                 DhcpSetting::Authoritative {
                     range,
                     reservations,
-                    // No router or DNS: a provisioning network of its own needs neither to
-                    // boot, and guessing them wrong would break the machines' networking.
+                    // Router and DNS only when given: guessing them wrong would break the
+                    // machines' networking.
                     network: NetworkConfig {
                         subnet_mask: netmask,
-                        routers: Vec::new(),
-                        dns_servers: Vec::new(),
+                        routers: router_in_subnet(self.dhcp_router, address, netmask)?
+                            .into_iter()
+                            .collect(),
+                        dns_servers: self.dhcp_dns.clone(),
                         domain_name: None,
                     },
                     journal: data_dir.join("dhcp-leases.journal"),
@@ -162,6 +176,20 @@ fn interface_ipv4(interface: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
         bail!("--boot-interface {interface}: the interface has no IPv4 address");
     }
     bail!("--boot-interface {interface}: no such network interface");
+}
+
+/// A gateway must be on the boot subnet, or clients cannot reach it.
+fn router_in_subnet(
+    router: Option<Ipv4Addr>,
+    address: Ipv4Addr,
+    netmask: Ipv4Addr,
+) -> Result<Option<Ipv4Addr>> {
+    match router {
+        Some(ip) if !in_subnet(ip, address, netmask) => {
+            bail!("--dhcp-router {ip} is outside {address}/{netmask}")
+        }
+        other => Ok(other),
+    }
 }
 
 fn in_subnet(ip: Ipv4Addr, address: Ipv4Addr, netmask: Ipv4Addr) -> bool {
@@ -230,6 +258,16 @@ mod tests {
             let error = parse_range(bad, ADDR, MASK).unwrap_err().to_string();
             assert!(error.starts_with("--dhcp-range"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn routers_must_be_on_the_subnet() {
+        let (addr, mask) = (Ipv4Addr::new(10, 77, 0, 1), Ipv4Addr::new(255, 255, 255, 0));
+        let ok = router_in_subnet(Some(Ipv4Addr::new(10, 77, 0, 254)), addr, mask).unwrap();
+        assert_eq!(ok, Some(Ipv4Addr::new(10, 77, 0, 254)));
+        assert_eq!(router_in_subnet(None, addr, mask).unwrap(), None);
+        let err = router_in_subnet(Some(Ipv4Addr::new(192, 168, 1, 1)), addr, mask).unwrap_err();
+        assert!(err.to_string().contains("--dhcp-router"), "{err}");
     }
 
     #[test]

@@ -48,8 +48,8 @@ fn pxe_dhcp(
         &script,
         format!(
             "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\n\
-             printf 'ip=%s\\nsiaddr=%s\\nboot_file=%s\\nserverid=%s\\n' \
-             \"$ip\" \"$siaddr\" \"$boot_file\" \"$serverid\" > '{}'\n",
+             printf 'ip=%s\\nsiaddr=%s\\nboot_file=%s\\nserverid=%s\\nrouter=%s\\ndns=%s\\n' \
+             \"$ip\" \"$siaddr\" \"$boot_file\" \"$serverid\" \"$router\" \"$dns\" > '{}'\n",
             result.display()
         ),
     )
@@ -111,6 +111,7 @@ fn pxe_client_gets_a_lease_and_its_boot_file_and_keeps_the_lease_across_restarts
     std::fs::write(tftp_root.join("undionly.kpxe"), boot_file_bytes()).unwrap();
     let api = format!("http://{server_ip}:0");
     let range = format!("10.77.{subnet}.100-10.77.{subnet}.150");
+    let router = format!("10.77.{subnet}.254");
     let args = [
         "--data-dir",
         data.to_str().unwrap(),
@@ -122,6 +123,10 @@ fn pxe_client_gets_a_lease_and_its_boot_file_and_keeps_the_lease_across_restarts
         "authoritative",
         "--dhcp-range",
         &range,
+        "--dhcp-router",
+        &router,
+        "--dhcp-dns",
+        "9.9.9.9",
         "--tftp-root",
         tftp_root.to_str().unwrap(),
     ];
@@ -135,6 +140,7 @@ fn pxe_client_gets_a_lease_and_its_boot_file_and_keeps_the_lease_across_restarts
     assert_eq!(lease["boot_file"], "undionly.kpxe", "{lease:?}");
     assert_eq!(lease["siaddr"], server_ip, "next-server: {lease:?}");
     assert_eq!(lease["serverid"], server_ip, "{lease:?}");
+    assert_eq!((lease["router"].as_str(), lease["dns"].as_str()), (router.as_str(), "9.9.9.9"));
 
     // Fetch the boot file from the leased address, as the PXE ROM would.
     client.ip(&["addr", "add", &format!("{ip}/24"), "dev", &client_if]).unwrap();
