@@ -346,17 +346,19 @@ impl Registry {
     }
 
     pub async fn delete_host(&self, id: Uuid) -> Result<(), RegistryError> {
-        let Some((host, version)) = self.get::<Host>(Table::Hosts, &id.to_string()).await? else {
-            return Err(RegistryError::NotFound { kind: "host", id: id.to_string() });
-        };
-        // Conditional on the version read, so the index entries removed are the host's own.
-        let commit = host_removal(Commit::new(), &host, Precondition::Version(version));
-        match self.state.commit(commit).await {
-            Ok(_) => Ok(()),
-            Err(StateError::Conflict { .. }) => {
-                Err(RegistryError::NotFound { kind: "host", id: id.to_string() })
+        // Conditional on the version read, so the index entries removed are the host's own;
+        // a concurrent change (e.g. a re-enrollment adding a MAC) means read again.
+        loop {
+            let Some((host, version)) = self.get::<Host>(Table::Hosts, &id.to_string()).await?
+            else {
+                return Err(RegistryError::NotFound { kind: "host", id: id.to_string() });
+            };
+            let commit = host_removal(Commit::new(), &host, Precondition::Version(version));
+            match self.state.commit(commit).await {
+                Ok(_) => return Ok(()),
+                Err(StateError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
     }
 

@@ -18,6 +18,6 @@ mod request;
 pub use escape::{BaseUrl, EnrollmentToken, HttpUrl, IpxeEscaper, KernelCmdline};
 pub use render::{
     ENTRY_MAX_NICS, ENTRY_MAX_ROUNDS, ENTRY_RETRY_DELAY_SECS, Profile, ScriptContext, ScriptError,
-    render_entry, render_machine,
+    render_entry, render_local_disk, render_machine,
 };
 pub use request::{BootQuery, BootRequest, ScriptArch};

@@ -187,9 +187,16 @@ pub fn render_machine(
             ctpf_params,
         }
         .render(),
-        Profile::LocalDisk => LocalDiskScript { mac: &request.mac, arch: request.arch }.render(),
+        Profile::LocalDisk => return render_local_disk(request),
     };
     finish(profile.kind(), rendered)
+}
+
+/// The script of an installed machine: boot its own disk. It needs neither ctpf's URL nor a
+/// token, so none is asked for.
+pub fn render_local_disk(request: &BootRequest) -> Result<String, ScriptError> {
+    let rendered = LocalDiskScript { mac: &request.mac, arch: request.arch }.render();
+    finish(Profile::LocalDisk.kind(), rendered)
 }
 
 /// Ends the script with exactly one newline (askama drops the template's last one).

@@ -15,7 +15,9 @@ use axum::{
 };
 use ctpf_common::{HostState, Name, NewDatacenter};
 use ctpf_registries::RegistryError;
-use ctpf_scripts::{BaseUrl, BootQuery, Profile, ScriptContext, render_entry, render_machine};
+use ctpf_scripts::{
+    BaseUrl, BootQuery, Profile, ScriptContext, render_entry, render_local_disk, render_machine,
+};
 
 use super::{ApiError, AppState, download};
 
@@ -66,13 +68,7 @@ pub async fn machine_script(
         .as_ref()
         .is_some_and(|(host, _)| matches!(host.state, HostState::Installed | HostState::Ready));
     if installed {
-        // The enrollment token is not used by the local-disk script; none is minted.
-        let context = ScriptContext {
-            base_url: s.boot.base_url.clone(),
-            enrollment_token: placeholder_token()?,
-        };
-        let text = render_machine(&context, &request, &Profile::LocalDisk).map_err(script_error)?;
-        return Ok(script(text));
+        return Ok(script(render_local_disk(&request).map_err(script_error)?));
     }
     let datacenter = known
         .map(|(host, _)| host.datacenter)
@@ -84,11 +80,6 @@ pub async fn machine_script(
     let text = render_machine(&context, &request, &Profile::Discovery).map_err(script_error)?;
     tracing::info!(mac = %request.mac, arch = request.arch.as_str(), %datacenter, "discovery boot");
     Ok(script(text))
-}
-
-/// The local-disk script carries no token; the context still wants a syntactically valid one.
-fn placeholder_token() -> Result<ctpf_scripts::EnrollmentToken, ApiError> {
-    ctpf_scripts::EnrollmentToken::parse("enrollment_token", "none").map_err(ApiError::from)
 }
 
 async fn ensure_datacenter(s: &AppState, name: &Name) -> Result<(), ApiError> {
