@@ -23,6 +23,7 @@ pub const MODULE_LOAD_ORDER_FILE: &str = "lib/modules/load-order";
 
 /// Busybox applets the discovery `/init` may call, installed as symlinks to `/bin/busybox`.
 pub const DISCOVERY_APPLETS: &[&str] = &[
+    "[",
     "awk",
     "cat",
     "chmod",
@@ -230,6 +231,10 @@ pub struct DiscoveryInputs {
     pub kernel_modules: Vec<PathBuf>,
     /// The rendered `/init` script, installed with mode 0755.
     pub init_script: Vec<u8>,
+    /// The static agent binary, installed as `bin/ctpf-agent`.
+    pub agent: Option<PathBuf>,
+    /// Further executable files (archive path, contents), e.g. `etc/udhcpc.script`.
+    pub extra_files: Vec<(String, Vec<u8>)>,
 }
 
 /// The discovery image's layout:
@@ -239,7 +244,7 @@ pub struct DiscoveryInputs {
 ///   names one per line in the given order (`/init` insmods them in that order);
 /// - `dev/console` (char 5:1, mode 0600: the kernel opens it for init's stdio before devtmpfs
 ///   is mounted), empty `proc`, `sys`, `run`, `tmp` (1777), `etc`, `root` (0700);
-/// - `init`, mode 0755.
+/// - `init`, mode 0755; `bin/ctpf-agent` and the extra files, mode 0755.
 pub fn discovery_spec(inputs: &DiscoveryInputs) -> Result<InitramfsSpec, InitramfsError> {
     let mut entries = vec![
         InitramfsEntry::HostFile {
@@ -260,6 +265,21 @@ pub fn discovery_spec(inputs: &DiscoveryInputs) -> Result<InitramfsSpec, Initram
             minor: 1,
         },
     ];
+    if let Some(agent) = &inputs.agent {
+        entries.push(InitramfsEntry::HostFile {
+            path: ArchivePath::new("bin/ctpf-agent")?,
+            source: agent.clone(),
+            encoding: HostEncoding::Plain,
+            mode: 0o755,
+        });
+    }
+    for (path, contents) in &inputs.extra_files {
+        entries.push(InitramfsEntry::Bytes {
+            path: ArchivePath::new(path)?,
+            contents: contents.clone(),
+            mode: 0o755,
+        });
+    }
     for applet in DISCOVERY_APPLETS {
         entries.push(InitramfsEntry::Symlink {
             path: ArchivePath::new(&format!("bin/{applet}"))?,
@@ -458,6 +478,8 @@ mod tests {
             busybox: "/bin/busybox".into(),
             kernel_modules: vec!["/k/virtio.ko.xz".into(), "/k/failover.ko".into()],
             init_script: b"#!/bin/sh\n".to_vec(),
+            agent: None,
+            extra_files: Vec::new(),
         };
         let spec = discovery_spec(&inputs).unwrap();
         let load_order = spec.entries.iter().find_map(|entry| match entry {

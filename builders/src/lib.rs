@@ -1,10 +1,13 @@
-//! Builders: today the deterministic discovery initramfs (cpio "newc" + gzip); bootloader
-//! builds join later. See ARCHITECTURE.md.
+//! Builders: today the discovery image (a Debian kernel plus a deterministic cpio "newc" +
+//! gzip initramfs with the NIC drivers and the agent); bootloader builds join later. See ARCHITECTURE.md.
 
 pub mod cpio;
+pub mod discovery;
 pub mod initramfs;
+pub mod kmod;
 
 pub use cpio::{ArchivePath, CpioArchive, CpioError, FileData, NewcWriter};
+pub use discovery::{DiscoveryError, DiscoveryPlan, DiscoverySources};
 pub use initramfs::{
     BuiltImage, DiscoveryInputs, HostEncoding, InitramfsEntry, InitramfsError, InitramfsSpec,
     build, discovery_spec, parse_source_date_epoch,

@@ -183,6 +183,8 @@ fn discovery_image_unpacks_modules_in_load_order() {
         busybox: fake_busybox,
         kernel_modules: vec![plain, xz, gz],
         init_script: b"#!/bin/sh\nexec sh\n".to_vec(),
+        agent: None,
+        extra_files: Vec::new(),
     };
     let mut image = Vec::new();
     build(&discovery_spec(&inputs).unwrap(), 0, &mut image).unwrap();
@@ -213,6 +215,8 @@ fn discovery_image_with_real_busybox_lists_applets_and_runs() {
         busybox: busybox.clone(),
         kernel_modules: Vec::new(),
         init_script: b"#!/bin/sh\necho discovery\n".to_vec(),
+        agent: None,
+        extra_files: Vec::new(),
     };
     let spec = discovery_spec(&inputs).unwrap();
     let mut first = Vec::new();

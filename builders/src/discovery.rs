@@ -1,0 +1,195 @@
+//! The discovery image recipe: a kernel from an unpacked Debian `linux-image` package and an
+//! initramfs built here (busybox, the NIC drivers with their dependencies, `/init`, the
+//! agent). Every input is hashed into a build key, so a caller can tell whether the image it
+//! stored last time is still current without building anything.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+use ctpf_common::Sha256Digest;
+use sha2::{Digest, Sha256};
+
+use crate::initramfs::{self, BuiltImage, DiscoveryInputs, InitramfsError};
+use crate::kmod::{DISCOVERY_NIC_MODULES, KmodError, ModuleTree};
+
+/// Bump when the layout, scripts or module choice change in a way the input digests miss.
+pub const RECIPE_VERSION: &str = "ctpf-discovery/1";
+
+/// PID 1 of the discovery environment.
+pub const INIT_SCRIPT: &str = include_str!("../assets/discovery-init.sh");
+/// busybox udhcpc's lease hook, installed as `/etc/udhcpc.script`.
+pub const UDHCPC_SCRIPT: &str = include_str!("../assets/udhcpc.script");
+
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("discovery image input {what} ({path}): {source}")]
+    Input { what: &'static str, path: PathBuf, source: io::Error },
+    #[error("no kernel for modules {version} in {root}: expected boot/vmlinuz-{version}")]
+    NoKernel { root: PathBuf, version: String },
+    #[error(transparent)]
+    Modules(#[from] KmodError),
+    #[error(transparent)]
+    Initramfs(#[from] InitramfsError),
+}
+
+/// Where the inputs come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoverySources {
+    /// An unpacked `linux-image-*` package (`dpkg -x`), or `/` on a Debian host.
+    pub linux_root: PathBuf,
+    /// A statically linked busybox (Debian's busybox-static: `/bin/busybox`).
+    pub busybox: PathBuf,
+    /// The static `ctpf-agent` binary (crate `ctpf-discovery-agent`, built for musl).
+    pub agent: PathBuf,
+}
+
+/// Resolved inputs and their build key.
+#[derive(Debug, Clone)]
+pub struct DiscoveryPlan {
+    pub kernel: PathBuf,
+    pub kernel_version: String,
+    /// Module files in load order.
+    pub modules: Vec<PathBuf>,
+    /// Wanted NIC drivers this kernel does not have (not an error: kernels differ).
+    pub missing_modules: Vec<String>,
+    /// sha256 over the recipe version, the scripts, and every input file's digest.
+    pub key: Sha256Digest,
+}
+
+impl DiscoveryPlan {
+    /// Resolves kernel and modules under `sources.linux_root` and hashes all inputs.
+    pub fn resolve(sources: &DiscoverySources) -> Result<Self, DiscoveryError> {
+        let tree = ModuleTree::open(&sources.linux_root)?;
+        let kernel_version = tree.version().to_owned();
+        let kernel = sources.linux_root.join(format!("boot/vmlinuz-{kernel_version}"));
+        if !kernel.is_file() {
+            return Err(DiscoveryError::NoKernel {
+                root: sources.linux_root.clone(),
+                version: kernel_version,
+            });
+        }
+        let (present, missing): (Vec<&str>, Vec<&str>) =
+            DISCOVERY_NIC_MODULES.iter().partition(|name| tree.contains(name));
+        let modules = tree.load_order(&present)?;
+
+        let mut key = Sha256::new();
+        let mut field = |label: &str, value: &[u8]| {
+            // Length-prefixed, so no two different input lists hash the same bytes.
+            key.update((label.len() as u64).to_le_bytes());
+            key.update(label.as_bytes());
+            key.update((value.len() as u64).to_le_bytes());
+            key.update(value);
+        };
+        field("recipe", RECIPE_VERSION.as_bytes());
+        field("init", INIT_SCRIPT.as_bytes());
+        field("udhcpc", UDHCPC_SCRIPT.as_bytes());
+        field("applets", initramfs::DISCOVERY_APPLETS.join(",").as_bytes());
+        field("kernel", &file_digest("kernel", &kernel)?);
+        field("busybox", &file_digest("busybox", &sources.busybox)?);
+        field("agent", &file_digest("agent", &sources.agent)?);
+        for module in &modules {
+            let name = module.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+            field(&format!("module {name}"), &file_digest("kernel module", module)?);
+        }
+        let key = Sha256Digest::from_bytes(key.finalize().into());
+        Ok(Self {
+            kernel,
+            kernel_version,
+            modules,
+            missing_modules: missing.into_iter().map(str::to_owned).collect(),
+            key,
+        })
+    }
+
+    /// Writes the initramfs (gzip newc cpio) to `out`; same inputs and `epoch`, same bytes.
+    pub fn build_initrd(
+        &self,
+        sources: &DiscoverySources,
+        epoch: u64,
+        out: impl Write,
+    ) -> Result<BuiltImage, DiscoveryError> {
+        let inputs = DiscoveryInputs {
+            busybox: sources.busybox.clone(),
+            kernel_modules: self.modules.clone(),
+            init_script: INIT_SCRIPT.as_bytes().to_vec(),
+            agent: Some(sources.agent.clone()),
+            extra_files: vec![("etc/udhcpc.script".to_owned(), UDHCPC_SCRIPT.as_bytes().to_vec())],
+        };
+        let spec = initramfs::discovery_spec(&inputs)?;
+        Ok(initramfs::build(&spec, epoch, out)?)
+    }
+}
+
+fn file_digest(what: &'static str, path: &Path) -> Result<[u8; 32], DiscoveryError> {
+    let input = |source| DiscoveryError::Input { what, path: path.to_owned(), source };
+    let mut file = File::open(path).map_err(input)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buffer).map_err(input)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buffer[..n]);
+    }
+    Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn fixture() -> (tempfile::TempDir, DiscoverySources) {
+        let dir = tempfile::tempdir().unwrap();
+        let linux = dir.path().join("linux");
+        let base = linux.join("lib/modules/6.1.0-test");
+        fs::create_dir_all(base.join("kernel/drivers/net")).unwrap();
+        fs::write(base.join("kernel/drivers/net/virtio_net.ko"), b"\0depends=\0").unwrap();
+        fs::create_dir_all(linux.join("boot")).unwrap();
+        fs::write(linux.join("boot/vmlinuz-6.1.0-test"), b"kernel").unwrap();
+        fs::write(dir.path().join("busybox"), b"busybox").unwrap();
+        fs::write(dir.path().join("agent"), b"agent v1").unwrap();
+        let sources = DiscoverySources {
+            linux_root: linux,
+            busybox: dir.path().join("busybox"),
+            agent: dir.path().join("agent"),
+        };
+        (dir, sources)
+    }
+
+    #[test]
+    fn the_key_follows_the_inputs() {
+        let (dir, sources) = fixture();
+        let plan = DiscoveryPlan::resolve(&sources).unwrap();
+        assert_eq!(plan.kernel_version, "6.1.0-test");
+        assert_eq!(plan.modules.len(), 1);
+        assert!(plan.missing_modules.contains(&"e1000".to_owned()));
+        assert_eq!(DiscoveryPlan::resolve(&sources).unwrap().key, plan.key);
+        fs::write(dir.path().join("agent"), b"agent v2").unwrap();
+        assert_ne!(DiscoveryPlan::resolve(&sources).unwrap().key, plan.key);
+    }
+
+    #[test]
+    fn missing_inputs_are_named() {
+        let (dir, sources) = fixture();
+        fs::remove_file(dir.path().join("busybox")).unwrap();
+        let err = DiscoveryPlan::resolve(&sources).unwrap_err();
+        assert!(err.to_string().contains("busybox"), "{err}");
+        fs::remove_file(sources.linux_root.join("boot/vmlinuz-6.1.0-test")).unwrap();
+        let err = DiscoveryPlan::resolve(&sources).unwrap_err();
+        assert!(err.to_string().contains("vmlinuz-6.1.0-test"), "{err}");
+    }
+
+    #[test]
+    fn the_initrd_is_reproducible() {
+        let (_dir, sources) = fixture();
+        let plan = DiscoveryPlan::resolve(&sources).unwrap();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        let first = plan.build_initrd(&sources, 0, &mut a).unwrap();
+        plan.build_initrd(&sources, 0, &mut b).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(first.compressed_size, a.len() as u64);
+    }
+}
