@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ctpf_common::MacAddr;
+use ctpf_common::{MacAddr, Sha256Digest};
+use ctpf_store::artifacts::ArtifactStore;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -23,7 +24,8 @@ use crate::dhcp::{
     self, BootConfig, DhcpCore, LeaseLog, LogError, NetworkConfig, PoolConfig, RequestPort,
     server::Options,
 };
-use crate::tftp::{self, DirSource, TftpConfig};
+use crate::router_advert::{RouterAdvertConfig, RouterAdvertError, RouterAdvertiser};
+use crate::tftp::{self, ArtifactSource, DirSource, FileSource, TftpConfig};
 
 /// The well-known TFTP port.
 pub const TFTP_PORT: u16 = 69;
@@ -59,6 +61,17 @@ pub struct BootServiceConfig {
     pub dhcp: DhcpSetting,
     pub tftp_root: PathBuf,
     pub boot: BootConfig,
+    /// Also send IPv6 router advertisements on the interface (see [`router_advert`]).
+    pub ipv6_router_adverts: bool,
+    /// Files TFTP serves from the artifact store by name (before looking in `tftp_root`).
+    pub tftp_artifacts: Option<TftpArtifacts>,
+}
+
+/// See [`BootServiceConfig::tftp_artifacts`].
+#[derive(Debug, Clone)]
+pub struct TftpArtifacts {
+    pub store: Arc<dyn ArtifactStore>,
+    pub files: BTreeMap<String, Sha256Digest>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +96,8 @@ pub enum BootServiceError {
         #[source]
         source: LogError,
     },
+    #[error(transparent)]
+    RouterAdvert(#[from] RouterAdvertError),
     #[error("{what} socket failed: {source}")]
     Serve {
         what: &'static str,
@@ -97,7 +112,8 @@ pub enum BootServiceError {
 pub struct BootService {
     dhcp: Option<DhcpSockets>,
     tftp_socket: UdpSocket,
-    tftp_source: Arc<DirSource>,
+    tftp_source: Arc<dyn FileSource>,
+    router_adverts: Option<RouterAdvertiser>,
 }
 
 #[derive(Debug)]
@@ -105,7 +121,7 @@ struct DhcpSockets {
     core: Arc<Mutex<DhcpCore>>,
     journal: Option<Arc<LeaseLog>>,
     dhcp: UdpSocket,
-    /// Only in proxy mode: PXE firmware asks the boot server there after its DHCP exchange.
+    /// PXE firmware asks the boot server there after its DHCP exchange.
     pxe: Option<UdpSocket>,
 }
 
@@ -145,17 +161,31 @@ impl BootService {
                 let table = dhcp::restore_table(pool, &records, unix_now());
                 let core = DhcpCore::with_table(config.boot.clone(), network, table);
                 let dhcp = bind_dhcp(&config.interface)?;
+                // UEFI PXE takes an offer with "PXEClient" but no PXE options (option 43) as a
+                // "BINL" offer and asks port 4011 for its boot file even from the DHCP server.
+                let pxe_addr = SocketAddrV4::new(config.address, dhcp::PXE_PORT);
+                let pxe = bind_udp(pxe_addr, &config.interface, "pxe")?;
                 Some(DhcpSockets {
                     core: Arc::new(Mutex::new(core)),
                     journal: Some(Arc::new(log)),
                     dhcp,
-                    pxe: None,
+                    pxe: Some(pxe),
                 })
             }
         };
         let tftp_addr = SocketAddrV4::new(config.address, TFTP_PORT);
         let tftp_socket = bind_udp(tftp_addr, &config.interface, "tftp")?;
-        Ok(Self { dhcp, tftp_socket, tftp_source: Arc::new(tftp_source) })
+        let router_adverts = match config.ipv6_router_adverts {
+            true => Some(RouterAdvertiser::open(RouterAdvertConfig::new(&config.interface))?),
+            false => None,
+        };
+        let tftp_source: Arc<dyn FileSource> = match config.tftp_artifacts {
+            Some(TftpArtifacts { store, files }) => {
+                Arc::new(ArtifactSource::new(files, store, tftp_source))
+            }
+            None => Arc::new(tftp_source),
+        };
+        Ok(Self { dhcp, tftp_socket, tftp_source, router_adverts })
     }
 
     /// Serves DHCP (and PXE) and TFTP until `shutdown` is cancelled, then closes the lease
@@ -194,6 +224,12 @@ impl BootService {
             let served = tftp::run(self.tftp_socket, source, TftpConfig::default(), tftp_stop);
             ("tftp", served.await)
         });
+        if let Some(adverts) = self.router_adverts {
+            let ra_stop = stop.clone();
+            tasks.spawn(async move {
+                ("ipv6-ra", adverts.run(ra_stop).await.map_err(io::Error::other))
+            });
+        }
 
         let mut result = Ok(());
         while let Some(joined) = tasks.join_next().await {
@@ -284,6 +320,8 @@ mod tests {
             dhcp: DhcpSetting::Off,
             tftp_root: PathBuf::from("/nonexistent/ctpf-tftp-root"),
             boot: BootConfig::standard(Ipv4Addr::LOCALHOST, 7480),
+            ipv6_router_adverts: false,
+            tftp_artifacts: None,
         };
         let error = BootService::bind(config).await.unwrap_err();
         assert!(error.to_string().contains("/nonexistent/ctpf-tftp-root"), "{error}");

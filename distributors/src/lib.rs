@@ -5,4 +5,5 @@
 pub mod boot_service;
 pub mod dhcp;
 pub mod jobs;
+pub mod router_advert;
 pub mod tftp;

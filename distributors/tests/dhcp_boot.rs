@@ -439,9 +439,14 @@ fn authoritative_request_for_another_server_is_silent_and_frees_the_offer() {
     req.opts_mut().insert(DhcpOption::ServerIdentifier(ROUTER));
     req.opts_mut().insert(DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 1, 5)));
     assert!(roundtrip(&mut core, &req, RequestPort::Dhcp, 1).is_none());
-    // The held address is immediately available to someone else.
+    // The held address is immediately available to someone else: the pool has two
+    // addresses, allocation continues after the last one handed out, so the second newcomer
+    // gets the freed one instead of finding the pool exhausted.
     let (other, _) = roundtrip(&mut core, &bios_pxe_rom(), RequestPort::Dhcp, 2).unwrap();
-    assert_eq!(other.yiaddr(), offer.yiaddr());
+    assert_ne!(other.yiaddr(), offer.yiaddr());
+    let third = base(MessageType::Discover, [2, 0, 0, 0, 0, 3], 3);
+    let (third, _) = roundtrip(&mut core, &third, RequestPort::Dhcp, 3).unwrap();
+    assert_eq!(third.yiaddr(), offer.yiaddr());
 }
 
 #[test]
@@ -474,6 +479,42 @@ fn relayed_requests_go_back_to_the_relay() {
     let (reply, dest) = roundtrip(&mut proxy(), &req, RequestPort::Dhcp, 0).unwrap();
     assert_eq!(reply.giaddr(), relay);
     assert_eq!(dest, Destination::To(SocketAddrV4::new(relay, 67)));
+}
+
+#[test]
+fn authoritative_serves_relays_on_its_subnet_only() {
+    let mut core = authoritative();
+    // A relay on our subnet (giaddr 10.77.0.2): the address comes from our pool and the
+    // OFFER and ACK go back to the relay's server port.
+    let relay = Ipv4Addr::new(10, 77, 0, 2);
+    let mut discover = laptop(MessageType::Discover);
+    discover.set_giaddr(relay).set_hops(1);
+    let (offer, dest) = roundtrip(&mut core, &discover, RequestPort::Dhcp, 0).unwrap();
+    assert_eq!(offer.opts().msg_type(), Some(MessageType::Offer));
+    assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 77, 0, 100));
+    assert_eq!(offer.giaddr(), relay);
+    assert_eq!(dest, Destination::To(SocketAddrV4::new(relay, 67)));
+    let mut request = laptop(MessageType::Request);
+    request.set_giaddr(relay).set_hops(1);
+    request.opts_mut().insert(DhcpOption::RequestedIpAddress(offer.yiaddr()));
+    request.opts_mut().insert(DhcpOption::ServerIdentifier(SERVER));
+    let (ack, dest) = roundtrip(&mut core, &request, RequestPort::Dhcp, 1).unwrap();
+    assert_eq!(ack.opts().msg_type(), Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr(), offer.yiaddr());
+    assert_eq!(dest, Destination::To(SocketAddrV4::new(relay, 67)));
+
+    // A relay of another subnet: nothing from our pool fits there, so no answer (also not
+    // to INFORM, whose ACK would carry our subnet mask), and the pool is untouched.
+    let foreign = Ipv4Addr::new(10, 99, 0, 1);
+    let mut other = base(MessageType::Discover, [2, 0, 0, 0, 0, 9], 9);
+    other.set_giaddr(foreign).set_hops(1);
+    assert!(core.handle(&bytes(&other), RequestPort::Dhcp, 2).is_none());
+    let mut inform = base(MessageType::Inform, [2, 0, 0, 0, 0, 9], 10);
+    inform.set_giaddr(foreign).set_ciaddr(Ipv4Addr::new(10, 99, 0, 7));
+    assert!(core.handle(&bytes(&inform), RequestPort::Dhcp, 2).is_none());
+    let local = base(MessageType::Discover, [2, 0, 0, 0, 0, 9], 11);
+    let (offer, _) = roundtrip(&mut core, &local, RequestPort::Dhcp, 3).unwrap();
+    assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 77, 0, 101));
 }
 
 #[test]

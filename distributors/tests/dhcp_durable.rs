@@ -1,6 +1,7 @@
 //! Durable authoritative leases: the records `DhcpCore::process` emits, and the real socket
 //! loop over loopback surviving a restart on the same journal. Replies are relayed
-//! (giaddr 127.0.0.1) and the relay port pointed at the test client, so no privileged ports.
+//! (giaddr 127.0.0.1) and the relay port pointed at the test client, so no privileged ports;
+//! the served subnet is 127.0.0.0/8, because relays of other subnets get no answer.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -20,15 +21,15 @@ use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
-const FIRST: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 100);
+const SERVER: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 1);
+const FIRST: Ipv4Addr = Ipv4Addr::new(127, 77, 0, 100);
 const LOOPBACK: Ipv4Addr = Ipv4Addr::LOCALHOST;
 const MAC_A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xa];
 const MAC_B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0xb];
 
 fn net() -> NetworkConfig {
     NetworkConfig {
-        subnet_mask: Ipv4Addr::new(255, 255, 255, 0),
+        subnet_mask: Ipv4Addr::new(255, 0, 0, 0),
         routers: vec![SERVER],
         dns_servers: vec![],
         domain_name: None,
@@ -38,7 +39,7 @@ fn net() -> NetworkConfig {
 fn pool() -> PoolConfig {
     PoolConfig {
         first: FIRST,
-        last: Ipv4Addr::new(10, 77, 0, 101),
+        last: Ipv4Addr::new(127, 77, 0, 101),
         lease_secs: 3600,
         offer_hold_secs: 30,
         decline_secs: 600,
@@ -145,7 +146,7 @@ async fn acknowledged_lease_survives_a_restart() {
     assert_eq!(nak.opts().msg_type(), Some(MessageType::Nak));
     // ...and offered the other address instead.
     let offer = exchange(&client, second.addr, &msg(MessageType::Discover, MAC_B, 5)).await;
-    assert_eq!(offer.yiaddr(), Ipv4Addr::new(10, 77, 0, 101));
+    assert_eq!(offer.yiaddr(), Ipv4Addr::new(127, 77, 0, 101));
     second.stop().await;
 }
 

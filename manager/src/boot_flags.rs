@@ -53,6 +53,10 @@ pub struct BootArgs {
     /// Directory served over TFTP [default: /usr/lib/ipxe if it exists, else DATA_DIR/tftp].
     #[arg(long, env = "CTPF_TFTP_ROOT", value_name = "DIR")]
     pub tftp_root: Option<PathBuf>,
+    /// Send IPv6 router advertisements (as no router: lifetime 0, no prefixes) on the boot
+    /// interface, so iPXE does not wait ~13 s for one on every boot.
+    #[arg(long, env = "CTPF_IPV6_RA")]
+    pub ipv6_ra: bool,
 }
 
 impl BootArgs {
@@ -67,6 +71,7 @@ impl BootArgs {
                 ("--dhcp-router", self.dhcp_router.is_some()),
                 ("--dhcp-dns", !self.dhcp_dns.is_empty()),
                 ("--tftp-root", self.tftp_root.is_some()),
+                ("--ipv6-ra", self.ipv6_ra),
             ];
             if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
                 bail!("{flag} needs --boot-interface IFACE");
@@ -123,6 +128,9 @@ impl BootArgs {
             dhcp,
             tftp_root: self.tftp_root(data_dir)?,
             boot: BootConfig::standard(address, 0),
+            ipv6_router_adverts: self.ipv6_ra,
+            // Filled in once the artifact store is open (see `server::run_control_plane`).
+            tftp_artifacts: None,
         }))
     }
 

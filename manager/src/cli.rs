@@ -7,9 +7,9 @@ use clap::{Args, Parser, Subcommand};
 use comfy_table::{Table, presets::NOTHING};
 use ctpf_bus::BusConfig;
 use ctpf_common::{
-    Artifact, ArtifactKind, ArtifactName, Datacenter, Event, Host, Job, JobSpec, Name,
-    NewDatacenter, NewJob, NewSshKey, Role, Sha256Digest, SshKey, SshPublicKey, Tag, TagSelector,
-    WorkerIdentity,
+    Artifact, ArtifactKind, ArtifactName, Datacenter, Event, Host, HostPatch, HostState, Job,
+    JobSpec, Name, NewDatacenter, NewJob, NewSshKey, Role, Sha256Digest, SshKey, SshPublicKey, Tag,
+    TagSelector, WorkerIdentity,
 };
 use ctpf_store::artifacts::S3Config;
 use tokio_util::sync::CancellationToken;
@@ -142,6 +142,8 @@ pub struct ServeArgs {
     /// The URL booting machines reach ctpf at (default: http:// and the bound address).
     #[arg(long, env = "CTPF_PUBLIC_URL")]
     pub public_url: Option<String>,
+    #[command(flatten)]
+    pub discovery: crate::boot_artifacts::DiscoveryArgs,
 }
 
 #[derive(Debug, Args)]
@@ -216,6 +218,16 @@ pub enum HostsCmd {
         tags: Vec<String>,
         #[arg(long)]
         datacenter: Option<String>,
+    },
+    /// Change a host's state or hostname, e.g. mark it installed so it boots its disk.
+    Set {
+        /// The host's id (see `ctpf hosts list`).
+        id: uuid::Uuid,
+        /// discovered, assigned, installing, installed, ready, failed or retired.
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        hostname: Option<String>,
     },
 }
 
@@ -408,6 +420,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 data_dir,
                 engines: args.engines.engines()?,
                 local_worker: Some(identity),
+                discovery: args.serve.discovery.clone(),
                 boot_service,
             };
             let shutdown = CancellationToken::new();
@@ -427,6 +440,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 data_dir,
                 engines,
                 local_worker: None,
+                discovery: args.serve.discovery.clone(),
                 boot_service: None,
             };
             let shutdown = CancellationToken::new();
@@ -475,6 +489,26 @@ pub async fn run(cli: Cli) -> Result<()> {
                     ]
                 },
             )
+        }
+        Command::Hosts(HostsCmd::Set { id, state, hostname }) => {
+            let state = state
+                .as_deref()
+                .map(|s| {
+                    serde_json::from_value::<HostState>(serde_json::Value::String(s.to_owned()))
+                        .map_err(|_| anyhow::anyhow!(
+                            "--state {s:?}: expected discovered, assigned, installing, installed, ready, failed or retired"
+                        ))
+                })
+                .transpose()?;
+            let hostname = hostname.as_deref().map(|h| Name::parse("--hostname", h)).transpose()?;
+            if state.is_none() && hostname.is_none() {
+                bail!("nothing to change: pass --state or --hostname");
+            }
+            let patch = HostPatch { state, hostname, labels: None };
+            let host: Host = client(&cli)?.patch(&format!("/v1/hosts/{id}"), &patch).await?;
+            print(cli.json, &[host], &["ID", "STATE", "HOSTNAME"], |h| {
+                vec![h.id.to_string(), label(&h.state), or_dash(h.hostname.as_ref())]
+            })
         }
         Command::Keys(cmd) => keys(&cli, cmd).await,
         Command::Artifacts(cmd) => artifacts(&cli, cmd).await,

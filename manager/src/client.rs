@@ -56,6 +56,14 @@ impl ApiClient {
         self.send(self.request(reqwest::Method::POST, path).json(body)).await
     }
 
+    pub async fn patch<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        self.send(self.request(reqwest::Method::PATCH, path).json(body)).await
+    }
+
     /// PUTs a streamed body (uploads of any size, never held in memory).
     pub async fn put_stream<T: DeserializeOwned>(
         &self,

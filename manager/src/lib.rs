@@ -2,6 +2,7 @@
 //! `ctpf manager` and `ctpf worker`. `main.rs` only parses arguments and calls [`cli::run`].
 
 pub mod api;
+pub mod boot_artifacts;
 pub mod boot_flags;
 pub mod cli;
 pub mod client;

@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result};
 use ctpf_bus::{Bus, BusConfig, MemoryBus, RedisBus};
 use ctpf_common::WorkerIdentity;
 use ctpf_distributors::{
-    boot_service::{BootService, BootServiceConfig},
+    boot_service::{BootService, BootServiceConfig, TftpArtifacts},
     jobs::WorkerConfig,
 };
 use ctpf_registries::{Registry, TokenRole, generate_token};
@@ -24,6 +24,7 @@ use ctpf_store::{
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState};
+use crate::boot_artifacts;
 
 /// The external engines, when a site uses them instead of the embedded ones.
 #[derive(Debug, Clone, Default)]
@@ -190,6 +191,8 @@ pub struct ControlPlane {
     pub engines: Engines,
     /// The in-process worker of `ctpf up`; `None` for `ctpf manager`.
     pub local_worker: Option<WorkerIdentity>,
+    /// Inputs and kernel parameters of the discovery image.
+    pub discovery: crate::boot_artifacts::DiscoveryArgs,
     /// DHCP and TFTP on the boot interface (`ctpf up --boot-interface`). Its boot URLs are
     /// set here once the API is bound, because its port may only be known then.
     pub boot_service: Option<BootServiceConfig>,
@@ -212,8 +215,27 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         }
     }
 
+    let discovery_cmdline = plane.discovery.discovery_cmdline.clone();
+    ctpf_scripts::KernelCmdline::parse("--discovery-cmdline", &discovery_cmdline)?;
+    match plane.discovery.sources() {
+        Ok(sources) => boot_artifacts::ensure(&registry, artifacts.as_ref(), sources)
+            .await
+            .context("preparing the discovery image")?,
+        Err(why) => {
+            tracing::warn!("discovery image not built, PXE-booted machines cannot enroll: {why}")
+        }
+    }
+    let mut boot_service = plane.boot_service;
+    if let Some(boot) = &mut boot_service {
+        let files =
+            boot_artifacts::import_boot_files(&registry, artifacts.as_ref(), &boot.tftp_root)
+                .await
+                .context("storing the boot files")?;
+        boot.tftp_artifacts = Some(TftpArtifacts { store: artifacts.clone(), files });
+    }
+
     let listener = bind(plane.api, "api").await?;
-    let public_url = match (&plane.public_url, &plane.boot_service) {
+    let public_url = match (&plane.public_url, &boot_service) {
         (Some(url), _) => url.clone(),
         // Bound to all addresses for the boot network: machines there use the interface's.
         (None, Some(boot)) if listener.local_addr()?.ip().is_unspecified() => {
@@ -222,7 +244,7 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         (None, _) => format!("http://{}", listener.local_addr()?),
     };
     let base_url = ctpf_scripts::BaseUrl::parse("public_url", &public_url)?;
-    let boot_service = match plane.boot_service {
+    let boot_service = match boot_service {
         Some(config) => {
             let boot = crate::boot_flags::boot_config(config.address, &public_url);
             let service = BootService::bind(BootServiceConfig { boot, ..config }).await?;
@@ -244,7 +266,8 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1) };
         tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone()))
     });
-    let boot = api::boot::BootSettings { base_url, datacenter: plane.boot_datacenter };
+    let boot =
+        api::boot::BootSettings { base_url, datacenter: plane.boot_datacenter, discovery_cmdline };
     let state = AppState { registry, artifacts, shutdown: shutdown.clone(), boot };
     let served = serve_api(listener, state, shutdown.clone()).await;
     // Stop in order: no new requests, the local worker finishes its job and reports, then the

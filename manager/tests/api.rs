@@ -37,6 +37,7 @@ async fn api() -> Api {
     let boot = ctpf_manager::api::boot::BootSettings {
         base_url: ctpf_scripts::BaseUrl::parse("base_url", "http://10.77.0.1:7480").unwrap(),
         datacenter: "local".parse().unwrap(),
+        discovery_cmdline: String::new(),
     };
     let (router, spec) = router_and_spec(AppState { registry, artifacts, shutdown, boot });
     Api { router, spec, token, _dir: dir }

@@ -57,8 +57,10 @@ impl ScriptContext {
 /// What a machine should boot, as decided by the caller from the host registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Profile {
-    /// Unknown machine: boot ctpf's discovery kernel and initrd so it enrols itself.
-    Discovery,
+    /// Unknown machine: boot ctpf's discovery kernel and initrd so it enrols itself, with the
+    /// operator's extra kernel parameters (e.g. `console=ttyS0`; errors name
+    /// `discovery.cmdline`).
+    Discovery { cmdline: String },
     /// Known machine with an assigned profile: boot its installer. The values are
     /// user-supplied and validated at render time (errors name `profile.kernel_url`,
     /// `profile.initrd_url` or `profile.cmdline`).
@@ -71,7 +73,7 @@ impl Profile {
     /// A stable name: `discovery`, `install`, `local-disk`.
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::Discovery => "discovery",
+            Self::Discovery { .. } => "discovery",
             Self::Install { .. } => "install",
             Self::LocalDisk => "local-disk",
         }
@@ -139,6 +141,7 @@ struct DiscoveryScript<'a> {
     mac: &'a MacAddr,
     arch: ScriptArch,
     cpu: &'static str,
+    cmdline: KernelCmdline,
     ctpf_params: CtpfKernelParams<'a>,
 }
 
@@ -170,11 +173,12 @@ pub fn render_machine(
     let ctpf_params =
         CtpfKernelParams { base_url: &context.base_url, token: &context.enrollment_token, request };
     let rendered = match profile {
-        Profile::Discovery => DiscoveryScript {
+        Profile::Discovery { cmdline } => DiscoveryScript {
             base_url: &context.base_url,
             mac: &request.mac,
             arch: request.arch,
             cpu: request.arch.cpu_name(),
+            cmdline: KernelCmdline::parse("discovery.cmdline", cmdline)?,
             ctpf_params,
         }
         .render(),

@@ -35,7 +35,11 @@ fn all_scripts() -> Vec<(String, String)> {
     let context = context();
     let mut scripts = vec![("entry.ipxe".to_owned(), render_entry(&context.base_url).unwrap())];
     for arch in ScriptArch::ALL {
-        for profile in [Profile::Discovery, install_profile(arch), Profile::LocalDisk] {
+        for profile in [
+            Profile::Discovery { cmdline: String::new() },
+            install_profile(arch),
+            Profile::LocalDisk,
+        ] {
             let name = format!("{}-{}.ipxe", profile.kind(), arch);
             scripts.push((name, render_machine(&context, &request(arch), &profile).unwrap()));
         }
@@ -112,8 +116,12 @@ fn scripts_are_plausible_ipxe() {
 
 #[test]
 fn discovery_kernel_line_names_its_initrd() {
-    let script =
-        render_machine(&context(), &request(ScriptArch::X86_64Efi), &Profile::Discovery).unwrap();
+    let script = render_machine(
+        &context(),
+        &request(ScriptArch::X86_64Efi),
+        &Profile::Discovery { cmdline: String::new() },
+    )
+    .unwrap();
     let kernel = script.lines().find(|l| l.starts_with("kernel ")).unwrap();
     assert!(kernel.starts_with("kernel http://10.0.2.2:8080/boot/discovery/x86_64/vmlinuz "));
     for param in ["initrd=initrd", "ctpf.url=http://10.0.2.2:8080", "ctpf.token=tok_EN-r0ll"] {
@@ -123,6 +131,20 @@ fn discovery_kernel_line_names_its_initrd() {
     assert!(
         script.contains("initrd --name initrd http://10.0.2.2:8080/boot/discovery/x86_64/initrd")
     );
+}
+
+#[test]
+fn discovery_extra_parameters_come_before_ctpfs_and_are_checked() {
+    let profile = Profile::Discovery { cmdline: "console=ttyS0,115200 quiet".into() };
+    let script = render_machine(&context(), &request(ScriptArch::X86_64Bios), &profile).unwrap();
+    let kernel = script.lines().find(|l| l.starts_with("kernel ")).unwrap();
+    assert!(kernel.contains("initrd=initrd console=ttyS0,115200 quiet ctpf.url="), "{kernel}");
+    for hostile in ["quiet || shell", "ctpf.token=stolen", "a\nchain http://evil/"] {
+        let profile = Profile::Discovery { cmdline: hostile.into() };
+        let err =
+            render_machine(&context(), &request(ScriptArch::X86_64Bios), &profile).unwrap_err();
+        assert_eq!(err.field(), Some("discovery.cmdline"), "{hostile}: {err}");
+    }
 }
 
 #[test]

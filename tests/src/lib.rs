@@ -12,6 +12,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
+pub mod qemu;
+
 /// A free TCP port on 127.0.0.1 (the listener is closed again; servers that cannot bind
 /// port 0 themselves need this).
 pub fn free_port() -> Result<u16> {
@@ -304,6 +306,20 @@ pub fn ctpf_cli(args: &[&str], env: &[(&str, &str)]) -> Result<std::process::Out
         .output()?)
 }
 
+/// [`ctpf_cli`] inside a namespace (where a `ctpf up --boot-interface` API listens).
+pub fn ctpf_cli_in(
+    netns: &Netns,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Result<std::process::Output> {
+    Ok(netns
+        .command(ctpf_binary()?.to_str().context("binary path")?)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .output()?)
+}
+
 /// A network namespace of a test's own, deleted on drop (also when the test panics), which
 /// also destroys every interface in it and the veth peers of those. Tests only ever touch
 /// interfaces inside namespaces they created.
@@ -350,6 +366,82 @@ impl Drop for Netns {
         if !deleted.is_ok_and(|s| s.success()) {
             eprintln!("could not delete network namespace {}", self.name);
         }
+    }
+}
+
+impl Netns {
+    /// Starts `cmd` (built with [`Netns::command`]) with stdout and stderr appended to
+    /// `log`; the guard stops it on drop.
+    pub fn spawn(&self, cmd: &mut Command, log: &Path) -> Result<Daemon> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {cmd:?}"))?;
+        Ok(Daemon { child: Some(child), log: log.to_owned() })
+    }
+
+    /// Waits until something in the namespace listens on `port` (`udp` or `tcp`, any
+    /// address), or fails with `daemon`'s log if it exits first.
+    pub fn wait_listening(&self, proto: &str, port: u16, daemon: &mut Daemon) -> Result<()> {
+        let flag = if proto == "udp" { "-uanH" } else { "-tlnH" };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = self.command("ss").args([flag, &format!("sport = :{port}")]).output()?;
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return Ok(());
+            }
+            if let Some(status) = daemon.child.as_mut().map(Child::try_wait).transpose()?.flatten()
+            {
+                bail!(
+                    "exited with {status} before listening on {proto}/{port}:\n{}",
+                    daemon.log_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("nothing listens on {proto}/{port} after 30 s:\n{}", daemon.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A server started with [`Netns::spawn`]. Dropping it sends SIGTERM (so servers with
+/// worker processes, like nginx, take them down too), then SIGKILL after 10 s.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Daemon {
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if !matches!(child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

@@ -114,8 +114,28 @@ struct Counters {
     records_in_file: AtomicU64,
 }
 
+/// Who hears about a record once it is durable (or cannot be made so).
+enum Waiter {
+    Channel(oneshot::Sender<Result<(), LogError>>),
+    /// Runs on the writer thread right after the fsync: no task, channel or wake-up per
+    /// record, which is what lets a DHCP server send ACKs at the rate leases are written.
+    Callback(Box<dyn FnOnce(Result<(), LogError>) + Send>),
+}
+
+impl Waiter {
+    fn notify(self, result: Result<(), LogError>) {
+        match self {
+            // The waiter may have gone away; the record is durable regardless.
+            Waiter::Channel(tx) => {
+                let _ = tx.send(result);
+            }
+            Waiter::Callback(callback) => callback(result),
+        }
+    }
+}
+
 enum Msg {
-    Append(Record, Option<oneshot::Sender<Result<(), LogError>>>),
+    Append(Record, Option<Waiter>),
     /// Test hook: the writer blocks until the sender side is dropped or sends.
     #[cfg(test)]
     Hold(mpsc::Receiver<()>),
@@ -200,9 +220,25 @@ impl LeaseLog {
     /// Queues `record`; the returned [`Commit`] resolves when it is durable.
     pub fn append(&self, record: Record) -> Commit {
         let (ack, rx) = oneshot::channel();
-        match self.tx.send(Msg::Append(record, Some(ack))) {
+        match self.tx.send(Msg::Append(record, Some(Waiter::Channel(ack)))) {
             Ok(()) => Commit(Ok(rx)),
             Err(_) => Commit(Err(LogError::Closed)),
+        }
+    }
+
+    /// Queues `record`; `then` runs on the journal's writer thread once it is durable (or
+    /// with the error if it cannot be), or right away if the writer has stopped. Keep it
+    /// short and non-blocking: it delays the confirmations of the rest of its batch.
+    pub fn append_then(
+        &self,
+        record: Record,
+        then: impl FnOnce(Result<(), LogError>) + Send + 'static,
+    ) {
+        let waiter = Waiter::Callback(Box::new(then));
+        if let Err(mpsc::SendError(Msg::Append(_, Some(waiter)))) =
+            self.tx.send(Msg::Append(record, Some(waiter)))
+        {
+            waiter.notify(Err(LogError::Closed));
         }
     }
 
@@ -322,7 +358,7 @@ struct Writer {
     records_in_file: u64,
 }
 
-type Ack = Option<oneshot::Sender<Result<(), LogError>>>;
+type Ack = Option<Waiter>;
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
@@ -341,8 +377,7 @@ impl Writer {
             let result = self.commit(&batch);
             for (_, ack) in batch.drain(..) {
                 if let Some(ack) = ack {
-                    // The waiter may have gone away; the record is durable regardless.
-                    let _ = ack.send(result.clone());
+                    ack.notify(result.clone());
                 }
             }
             if result.is_ok() {

@@ -120,12 +120,18 @@ pub struct LeaseTable {
     entries: BTreeMap<Ipv4Addr, Entry>,
     /// MAC -> the address of its entry (possibly expired; `entries` is the truth).
     by_mac: BTreeMap<MacAddr, Ipv4Addr>,
+    /// Where the search for a free address starts: just after the last address handed out
+    /// from the range (next fit, like Kea's iterative allocator). Starting from the bottom
+    /// each time would make every new client scan past all the bindings before it, which is
+    /// quadratic in the number of clients.
+    next: u32,
 }
 
 impl LeaseTable {
     pub fn new(config: PoolConfig) -> Self {
         let reserved = config.reservations.iter().map(|(mac, ip)| (*ip, *mac)).collect();
-        Self { config, reserved, entries: BTreeMap::new(), by_mac: BTreeMap::new() }
+        let next = u32::from(config.first);
+        Self { config, reserved, entries: BTreeMap::new(), by_mac: BTreeMap::new(), next }
     }
 
     /// Rebuilds a table from persisted entries (see `lease_log::restore_table`). Entries that would
@@ -174,6 +180,9 @@ impl LeaseTable {
     /// again gets the same address; its reservation wins over everything.
     pub fn offer(&mut self, mac: MacAddr, now: Seconds) -> Option<Ipv4Addr> {
         let ip = self.candidate(mac, now)?;
+        if self.in_range(ip) {
+            self.next = u32::from(ip).saturating_add(1);
+        }
         let hold_until = now.saturating_add(u64::from(self.config.offer_hold_secs));
         match self.entries.get_mut(&ip) {
             // Already bound to this MAC: the offer must neither shorten the binding nor lapse
@@ -300,7 +309,7 @@ impl LeaseTable {
     }
 
     /// The address `mac` should be offered: its reservation, its current or last address if
-    /// still free, else the lowest free address in the range.
+    /// still free, else the first free address at or after `next`, wrapping around once.
     fn candidate(&self, mac: MacAddr, now: Seconds) -> Option<Ipv4Addr> {
         if let Some(ip) = self.config.reservations.get(&mac) {
             return match self.entries.get(ip) {
@@ -315,7 +324,11 @@ impl LeaseTable {
             return Some(*ip);
         }
         let (first, last) = (u32::from(self.config.first), u32::from(self.config.last));
-        (first..=last).map(Ipv4Addr::from).find(|ip| self.free_for(*ip, mac, now))
+        let start = if (first..=last).contains(&self.next) { self.next } else { first };
+        (start..=last)
+            .chain(first..start)
+            .map(Ipv4Addr::from)
+            .find(|ip| self.free_for(*ip, mac, now))
     }
 
     /// Not reserved for someone else, and no live entry of another MAC or a decline on it.
@@ -406,6 +419,19 @@ mod tests {
             decline_secs: 300,
             reservations: BTreeMap::from([(mac(50), ip(101)), (mac(51), ip(10))]),
         }
+    }
+
+    #[test]
+    fn allocation_continues_after_the_last_address_and_wraps() {
+        let mut t = LeaseTable::new(config());
+        assert_eq!(t.offer(mac(1), 0), Some(ip(100)));
+        assert_eq!(t.offer(mac(2), 0), Some(ip(102)));
+        t.forget_offer(mac(1));
+        // Next fit: the freed 100 waits until the search wraps around.
+        assert_eq!(t.offer(mac(3), 0), Some(ip(103)));
+        assert_eq!(t.offer(mac(4), 0), Some(ip(100)));
+        assert_eq!(t.offer(mac(5), 0), None);
+        t.check_consistency();
     }
 
     #[test]

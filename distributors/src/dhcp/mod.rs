@@ -139,6 +139,27 @@ pub fn reply_destination(request: &Message, reply: &Message) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT)
 }
 
+/// Subnet selection for relayed requests (RFC 2131 4.3.1: the address comes from the
+/// subnet of giaddr). Authoritative mode serves one subnet, the boot interface's (our
+/// address and the handed-out mask), so a request relayed from any other subnet is not ours
+/// to answer: an address from our pool would be useless there. Direct requests (giaddr
+/// 0.0.0.0), proxy mode (no addresses) and port 4011 always pass.
+pub fn relay_is_ours(
+    request: &Message,
+    port: RequestPort,
+    mode: &Mode,
+    server_ip: Ipv4Addr,
+) -> bool {
+    let giaddr = request.giaddr();
+    match (port, mode) {
+        (RequestPort::Dhcp, Mode::Authoritative(net)) if !giaddr.is_unspecified() => {
+            let mask = net.subnet_mask.to_bits();
+            giaddr.to_bits() & mask == server_ip.to_bits() & mask
+        }
+        _ => true,
+    }
+}
+
 /// Where the socket loop sends a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Destination {
@@ -195,6 +216,10 @@ impl DhcpCore {
                 return Processed::default();
             }
         };
+        if !relay_is_ours(&request, port, &self.mode, self.boot.server_ip) {
+            tracing::debug!(giaddr = %request.giaddr(), "relayed from a subnet we do not serve");
+            return Processed::default();
+        }
         let (answer, record) = match (
             lease_query(&request, port, &self.mode, self.boot.server_ip),
             &mut self.leases,
@@ -219,6 +244,13 @@ impl DhcpCore {
         answer: Option<&LeaseAnswer>,
     ) -> Option<Outgoing> {
         let reply = decide(request, port, &self.mode, &self.boot, answer)?;
+        tracing::debug!(
+            xid = request.xid(),
+            ?port,
+            yiaddr = %reply.yiaddr(),
+            file = %String::from_utf8_lossy(reply.fname().unwrap_or_default()),
+            "dhcp reply"
+        );
         let bytes = match encode(&reply) {
             Ok(bytes) => bytes,
             Err(error) => {

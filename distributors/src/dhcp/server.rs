@@ -7,15 +7,19 @@
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
-use super::{CLIENT_PORT, Destination, DhcpCore, LeaseLog, RequestPort, SERVER_PORT, Seconds};
+use super::{
+    CLIENT_PORT, Destination, DhcpCore, LeaseLog, Outgoing, RequestPort, SERVER_PORT, Seconds,
+};
 
 /// Ethernet MTU; DHCP clients must accept 576, and nobody sends more than 1500 here.
 const BUFFER: usize = 1500;
+/// How long shutting down may take the loop to notice.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(100);
 
 /// How a loop runs beyond its socket and core.
 #[derive(Debug, Clone)]
@@ -50,10 +54,13 @@ pub async fn run(
 /// share one core, and with it the lease table. Returns an error only if the socket fails.
 ///
 /// Durable replies: records are queued to the journal under the core lock (so the journal
-/// sees changes in the table's order), and a reply that depends on one is sent by its own
-/// task once the journal confirms it, so the loop never waits for the disk and concurrent
-/// ACKs share one fsync. If the record cannot be made durable the ACK is not sent; the
-/// client retries.
+/// sees changes in the table's order), and a reply that depends on one is sent by the
+/// journal's writer thread right after the fsync that made it durable, so the loop never
+/// waits for the disk, concurrent ACKs share one fsync, and no task or wake-up is spent per
+/// ACK. If the record cannot be made durable the ACK is not sent; the client retries.
+///
+/// The loop runs on tokio's blocking pool (see the body); it stops when `shutdown` is
+/// cancelled, within [`SHUTDOWN_POLL`], not when this future is dropped.
 pub async fn run_with(
     socket: UdpSocket,
     port: RequestPort,
@@ -63,67 +70,74 @@ pub async fn run_with(
 ) -> io::Result<()> {
     // Replies to clients without an address are broadcast.
     socket.set_broadcast(true)?;
-    let socket = Arc::new(socket);
-    let mut buffer = vec![0u8; BUFFER];
-    loop {
-        let (len, from) = tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            received = socket.recv_from(&mut buffer) => match received {
+    // The loop is a plain blocking thread: under load a datagram is almost always waiting,
+    // and a blocking receive then costs one syscall, where the async loop paid for epoll
+    // and task wake-ups around every packet. The timeout is how often it looks at
+    // `shutdown`.
+    let socket = socket.into_std()?;
+    socket.set_nonblocking(false)?;
+    socket.set_read_timeout(Some(SHUTDOWN_POLL))?;
+    // The journal's writer thread sends the durable replies itself, right after their
+    // fsync, through a second handle on the same socket.
+    let durable_sender = Arc::new(socket.try_clone()?);
+    let serve = move || {
+        let mut buffer = vec![0u8; BUFFER];
+        while !shutdown.is_cancelled() {
+            let (len, from) = match socket.recv_from(&mut buffer) {
                 Ok(received) => received,
-                Err(error) if is_transient(&error) => {
-                    tracing::debug!(%error, "dhcp: transient receive error");
+                Err(error) if error.kind() == io::ErrorKind::TimedOut || is_transient(&error) => {
                     continue;
                 }
                 Err(error) => return Err(error),
-            },
-        };
-        let Some(datagram) = buffer.get(..len) else {
-            continue;
-        };
-        let (outgoing, commit) = {
-            // A panic elsewhere must not take DHCP down with it; the table stays consistent
-            // because every mutation is a single call.
-            let mut core = core.lock().unwrap_or_else(PoisonError::into_inner);
-            let processed = core.process(datagram, port, unix_now());
-            let commit = match (processed.record, &options.journal) {
-                (Some(record), Some(journal)) if processed.outgoing.is_some() => {
-                    Some(journal.append(record))
-                }
-                (Some(record), Some(journal)) => {
-                    journal.append_detached(record);
-                    None
-                }
-                _ => None,
             };
-            (processed.outgoing, commit)
-        };
-        let Some(outgoing) = outgoing else {
-            continue;
-        };
-        let to = match outgoing.destination {
-            Destination::To(addr) => SocketAddr::V4(redirect(addr, &options)),
-            Destination::Sender => from,
-        };
-        match commit {
-            None => send(&socket, &outgoing.bytes, to).await,
-            Some(commit) => {
-                let socket = socket.clone();
-                tokio::spawn(async move {
-                    match commit.wait().await {
-                        Ok(()) => send(&socket, &outgoing.bytes, to).await,
-                        Err(error) => {
-                            tracing::error!(%error, %to, "dhcp: lease not durable; ACK withheld");
-                        }
+            let Some(datagram) = buffer.get(..len) else {
+                continue;
+            };
+            let immediate = {
+                // A panic elsewhere must not take DHCP down with it; the table stays
+                // consistent because every mutation is a single call.
+                let mut core = core.lock().unwrap_or_else(PoisonError::into_inner);
+                let processed = core.process(datagram, port, unix_now());
+                match (processed.record, &options.journal, processed.outgoing) {
+                    // Queued under the lock, so the journal sees changes in the table's order.
+                    (Some(record), Some(journal), Some(outgoing)) => {
+                        let to = destination(&outgoing, from, &options);
+                        let sender = durable_sender.clone();
+                        journal.append_then(record, move |durable| match durable {
+                            Ok(()) => send_now(&sender, &outgoing.bytes, to),
+                            Err(error) => {
+                                tracing::error!(%error, %to, "dhcp: lease not durable; ACK withheld");
+                            }
+                        });
+                        None
                     }
-                });
+                    (Some(record), Some(journal), outgoing) => {
+                        journal.append_detached(record);
+                        outgoing
+                    }
+                    (_, _, outgoing) => outgoing,
+                }
+            };
+            if let Some(outgoing) = immediate {
+                send_now(&socket, &outgoing.bytes, destination(&outgoing, from, &options));
             }
         }
+        Ok(())
+    };
+    tokio::task::spawn_blocking(serve).await.map_err(io::Error::other)?
+}
+
+/// A blocking send (from the loop, or from the journal's writer thread for durable replies).
+fn send_now(socket: &std::net::UdpSocket, bytes: &[u8], to: SocketAddr) {
+    if let Err(error) = socket.send_to(bytes, to) {
+        tracing::warn!(%error, %to, "dhcp: could not send reply");
     }
 }
 
-async fn send(socket: &UdpSocket, bytes: &[u8], to: SocketAddr) {
-    if let Err(error) = socket.send_to(bytes, to).await {
-        tracing::warn!(%error, %to, "dhcp: could not send reply");
+fn destination(outgoing: &Outgoing, from: SocketAddr, options: &Options) -> SocketAddr {
+    match outgoing.destination {
+        Destination::To(addr) => SocketAddr::V4(redirect(addr, options)),
+        Destination::Sender => from,
     }
 }
 

@@ -195,6 +195,38 @@ mod tests {
         }
     }
 
+    async fn read_all(file: OpenFile) -> Vec<u8> {
+        use tokio::io::AsyncReadExt as _;
+        let mut bytes = Vec::new();
+        let mut reader = file.reader;
+        reader.read_to_end(&mut bytes).await.unwrap();
+        bytes
+    }
+
+    #[tokio::test]
+    async fn artifact_source_serves_stored_files_by_name_then_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("ipxe.efi"), b"changed on disk later").unwrap();
+        std::fs::write(root.join("other.bin"), b"from the directory").unwrap();
+        let store =
+            ctpf_store::artifacts::FsArtifactStore::open(dir.path().join("store")).await.unwrap();
+        let body: ctpf_store::artifacts::BlobReader = Box::pin(&b"stored ipxe"[..]);
+        let info = ctpf_store::artifacts::ArtifactStore::put(&store, body, None).await.unwrap();
+        let files = [("ipxe.efi".to_owned(), info.digest)].into_iter().collect();
+        let source =
+            ArtifactSource::new(files, std::sync::Arc::new(store), DirSource::new(&root).unwrap());
+
+        let file = source.open("/ipxe.efi").await.unwrap().unwrap();
+        assert_eq!(file.size, 11);
+        assert_eq!(read_all(file).await, b"stored ipxe");
+        let file = source.open("other.bin").await.unwrap().unwrap();
+        assert_eq!(read_all(file).await, b"from the directory");
+        assert!(source.open("missing").await.unwrap().is_none());
+        assert!(matches!(source.open("../ipxe.efi").await, Err(SourceError::AccessDenied { .. })));
+    }
+
     #[tokio::test]
     async fn dir_source_serves_files_and_refuses_escapes() {
         let outside = tempfile::tempdir().unwrap();
@@ -219,5 +251,42 @@ mod tests {
                 "{denied}"
             );
         }
+    }
+}
+
+/// Named files from the artifact store (the boot loaders `ctpf up` stores from its boot root),
+/// then a directory for every other name. Content-addressed: a file is the digest it was
+/// named with when the service started, whatever the directory holds later.
+#[derive(Debug)]
+pub struct ArtifactSource {
+    files: std::collections::BTreeMap<String, ctpf_common::Sha256Digest>,
+    store: std::sync::Arc<dyn ctpf_store::artifacts::ArtifactStore>,
+    fallback: DirSource,
+}
+
+impl ArtifactSource {
+    pub fn new(
+        files: std::collections::BTreeMap<String, ctpf_common::Sha256Digest>,
+        store: std::sync::Arc<dyn ctpf_store::artifacts::ArtifactStore>,
+        fallback: DirSource,
+    ) -> Self {
+        Self { files, store, fallback }
+    }
+}
+
+#[async_trait]
+impl FileSource for ArtifactSource {
+    async fn open(&self, path: &str) -> Result<Option<OpenFile>, SourceError> {
+        let relative = sanitize_path(path)
+            .map_err(|reason| SourceError::AccessDenied { path: path.to_owned(), reason })?;
+        let Some(digest) = relative.to_str().and_then(|name| self.files.get(name)) else {
+            return self.fallback.open(path).await;
+        };
+        let blob = self
+            .store
+            .get(digest)
+            .await
+            .map_err(|e| SourceError::Io { path: path.to_owned(), source: io::Error::other(e) })?;
+        Ok(Some(OpenFile { size: blob.size, reader: Box::new(blob.reader) }))
     }
 }

@@ -24,6 +24,10 @@ use super::{FileSource, SourceError, TftpConfig};
 const REQUEST_BUFFER: usize = 1024;
 /// Clients only send ACKs and ERRORs to a transfer socket.
 const TRANSFER_BUFFER: usize = 1024;
+/// File bytes read at once. tokio runs every file read on its blocking pool, a thread hop
+/// that cost more than the send itself when done per block; 128 KiB is ~90 blocks of 1468
+/// bytes per hop, and bounds the memory of `max_transfers` transfers.
+const READ_AHEAD: usize = 128 * 1024;
 
 /// Serves read requests arriving on `socket` until `shutdown` is cancelled, then stops the
 /// running transfers and waits for them. Returns an error only if the main socket fails.
@@ -198,7 +202,7 @@ async fn transfer_file(request: &ReadRequest, bytes: &mut u64) -> io::Result<Out
     let negotiation = negotiate(&request.options, file.size, &request.config);
     let mut transfer = Transfer::new(&negotiation, request.config.retries);
     // Never send more than announced in tsize, even if the file grows meanwhile.
-    let mut reader = file.reader.take(file.size);
+    let mut reader = tokio::io::BufReader::with_capacity(READ_AHEAD, file.reader.take(file.size));
     let mut buffer = vec![0u8; TRANSFER_BUFFER];
     let mut deadline = Instant::now() + negotiation.timeout;
     loop {

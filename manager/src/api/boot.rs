@@ -28,6 +28,8 @@ pub struct BootSettings {
     pub base_url: BaseUrl,
     /// The datacenter machines that boot here enroll into; created on first use.
     pub datacenter: Name,
+    /// Extra kernel parameters of discovery boots (checked at start).
+    pub discovery_cmdline: String,
 }
 
 /// A discovery boot must reach the callback within this; it is one-time anyway.
@@ -68,6 +70,7 @@ pub async fn machine_script(
         .as_ref()
         .is_some_and(|(host, _)| matches!(host.state, HostState::Installed | HostState::Ready));
     if installed {
+        tracing::info!(mac = %request.mac, arch = request.arch.as_str(), "installed: local disk boot");
         return Ok(script(render_local_disk(&request).map_err(script_error)?));
     }
     let datacenter = known
@@ -77,7 +80,8 @@ pub async fn machine_script(
     ensure_datacenter(&s, &datacenter).await?;
     let (token, _) = s.registry.issue_enrollment_token(&datacenter, DISCOVERY_TOKEN_TTL, 1).await?;
     let context = ScriptContext::new(s.boot.base_url.as_str(), &token).map_err(script_error)?;
-    let text = render_machine(&context, &request, &Profile::Discovery).map_err(script_error)?;
+    let profile = Profile::Discovery { cmdline: s.boot.discovery_cmdline.clone() };
+    let text = render_machine(&context, &request, &profile).map_err(script_error)?;
     tracing::info!(mac = %request.mac, arch = request.arch.as_str(), %datacenter, "discovery boot");
     Ok(script(text))
 }
@@ -108,5 +112,23 @@ pub async fn discovery_file(
         return Err(ApiError::invalid("file", "file must be vmlinuz or initrd"));
     }
     let artifact = s.registry.artifact(&format!("discovery-{arch}-{file}")).await?;
+    download::stream_blob(&s, &method, &headers, &artifact.digest, None).await
+}
+
+/// A boot loader named in DHCP answers to UEFI HTTP boot clients (`/ipxe.efi`, ...), from the
+/// artifact `boot-FILE` that start-up stores from the boot root.
+#[utoipa::path(get, path = "/{file}", tag = "boot", security(()),
+    params(("file" = String, Path, description = "ipxe.efi, ipxe-arm64.efi or undionly.kpxe")),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = super::ErrorBody)))]
+pub async fn boot_file(
+    State(s): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    Path(file): Path<String>,
+) -> Result<Response, ApiError> {
+    if !crate::boot_artifacts::HTTP_BOOT_FILES.contains(&file.as_str()) {
+        return Err(ApiError::not_found(format!("no boot file {file:?}")));
+    }
+    let artifact = s.registry.artifact(&crate::boot_artifacts::boot_file_artifact(&file)).await?;
     download::stream_blob(&s, &method, &headers, &artifact.digest, None).await
 }

@@ -87,6 +87,7 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(boot::entry_script))
         .routes(routes!(boot::machine_script))
         .routes(routes!(boot::discovery_file))
+        .routes(routes!(boot::boot_file))
         .with_state(state.clone())
         .split_for_parts();
     let spec_json = spec.clone();
@@ -105,6 +106,9 @@ pub fn router(state: AppState) -> Router {
 fn is_public(path: &str) -> bool {
     matches!(path, "/healthz" | "/openapi.json" | "/v1/enroll" | "/boot.ipxe")
         || path.starts_with("/boot/")
+        || path
+            .strip_prefix('/')
+            .is_some_and(|file| crate::boot_artifacts::HTTP_BOOT_FILES.contains(&file))
 }
 
 /// The token of an `Authorization: Bearer` header.

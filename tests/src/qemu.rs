@@ -1,0 +1,211 @@
+//! QEMU machines that network-boot for real (TCG; KVM does not work on CI machines), on a
+//! bridge inside a test's own network namespace, and the inputs of the discovery image they
+//! boot. Recipes and pitfalls: `shared/testbed.md`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::Netns;
+
+const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The target directory the test binaries were built into (`.../target`).
+fn target_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // .../target/debug/deps/test-HASH
+    exe.ancestors().nth(3).map(Path::to_owned).context("test binary outside a target dir")
+}
+
+/// The unpacked Debian kernel package the discovery image is built from: `CTPF_DISCOVERY_LINUX`,
+/// or where `.ci/run` unpacks it (`TARGET/ctpf-test-cache/linux`).
+pub fn discovery_linux() -> Result<PathBuf> {
+    let dir = match std::env::var_os("CTPF_DISCOVERY_LINUX") {
+        Some(dir) => PathBuf::from(dir),
+        None => target_dir()?.join("ctpf-test-cache/linux"),
+    };
+    if !dir.join("lib/modules").is_dir() {
+        bail!(
+            "{} holds no unpacked linux-image package; .ci/run prepares it \
+             (apt-get download linux-image-...-amd64 && dpkg -x)",
+            dir.display()
+        );
+    }
+    Ok(dir)
+}
+
+/// The static discovery agent, built for musl by cargo (a no-op when it is current).
+pub fn discovery_agent() -> Result<PathBuf> {
+    const TARGET: &str = "x86_64-unknown-linux-musl";
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().context("workspace root")?;
+    let target_dir = target_dir()?;
+    let status = Command::new(cargo)
+        .current_dir(workspace)
+        .args(["build", "--quiet", "--release", "-p", "ctpf-discovery-agent", "--target", TARGET])
+        .env("CARGO_TARGET_DIR", &target_dir)
+        .stdin(Stdio::null())
+        .status()
+        .context("running cargo to build the discovery agent")?;
+    if !status.success() {
+        bail!("building ctpf-agent for {TARGET} failed (rustup target add {TARGET}?)");
+    }
+    Ok(target_dir.join(TARGET).join("release/ctpf-agent"))
+}
+
+/// A bridge `br0` in a namespace of its own, with an IPv4 and an IPv6 address (the latter
+/// without duplicate address detection, so it is usable at once), for VMs' tap devices.
+#[derive(Debug)]
+pub struct BootLan {
+    pub netns: Netns,
+    pub subnet: u8,
+    taps: u32,
+}
+
+impl BootLan {
+    pub fn create() -> Result<Self> {
+        let netns = Netns::create("ctpf-lan")?;
+        let suffix = crate::unique_suffix();
+        let subnet = 1 + u8::from_str_radix(&suffix[..2], 16)? % 250;
+        netns.ip(&["link", "add", "br0", "type", "bridge"])?;
+        netns.ip(&["addr", "add", &format!("10.78.{subnet}.1/24"), "dev", "br0"])?;
+        netns.ip(&["addr", "add", &format!("fd78:{subnet}::1/64"), "dev", "br0", "nodad"])?;
+        netns.ip(&["link", "set", "br0", "up"])?;
+        Ok(Self { netns, subnet, taps: 0 })
+    }
+
+    /// The bridge's IPv4 address: where ctpf serves.
+    pub fn server_ip(&self) -> String {
+        format!("10.78.{}.1", self.subnet)
+    }
+
+    /// `first-last` host numbers as a range in this LAN.
+    pub fn range(&self, first: u8, last: u8) -> String {
+        format!("10.78.{0}.{first}-10.78.{0}.{last}", self.subnet)
+    }
+
+    /// A new tap device, a port of the bridge.
+    pub fn add_tap(&mut self) -> Result<String> {
+        let tap = format!("tap{}", self.taps);
+        self.taps += 1;
+        self.netns.ip(&["tuntap", "add", "dev", &tap, "mode", "tap"])?;
+        self.netns.ip(&["link", "set", &tap, "master", "br0", "up"])?;
+        Ok(tap)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Firmware {
+    /// SeaBIOS, which boots the NIC's option ROM (QEMU's are iPXE).
+    Bios,
+    /// OVMF UEFI.
+    Uefi,
+}
+
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    pub firmware: Firmware,
+    /// QEMU device: `virtio-net-pci` or `e1000`.
+    pub nic: &'static str,
+    pub mac: String,
+    pub uuid: String,
+    /// Keep the NIC's iPXE option ROM; false (`romfile=`) makes UEFI firmware use its own
+    /// PXE client, which fetches `ipxe.efi` over TFTP as real laptops do.
+    pub nic_rom: bool,
+}
+
+/// A running VM; killed on drop. Its serial console goes to a file.
+#[derive(Debug)]
+pub struct Vm {
+    child: Child,
+    pub serial: PathBuf,
+    _vars: Option<tempfile::NamedTempFile>,
+}
+
+impl Vm {
+    pub fn start(lan: &mut BootLan, spec: &VmSpec, serial: PathBuf) -> Result<Self> {
+        let tap = lan.add_tap()?;
+        let mut cmd = lan.netns.command("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-m", "512", "-nographic", "-monitor", "none"])
+            .args(["-uuid", &spec.uuid])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .args(["-netdev", &format!("tap,id=n0,ifname={tap},script=no,downscript=no")]);
+        let rom = if spec.nic_rom { "" } else { ",romfile=" };
+        let device = format!("{},netdev=n0,mac={}{rom},bootindex=1", spec.nic, spec.mac);
+        cmd.args(["-device", &device]);
+        let vars = match spec.firmware {
+            Firmware::Bios => {
+                cmd.args(["-boot", "n"]);
+                None
+            }
+            Firmware::Uefi => {
+                let vars = tempfile::NamedTempFile::new()?;
+                std::fs::copy(OVMF_VARS, vars.path()).context("copying OVMF vars (apt ovmf)")?;
+                cmd.args(["-drive", &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}")])
+                    .args([
+                        "-drive",
+                        &format!("if=pflash,format=raw,file={}", vars.path().display()),
+                    ]);
+                Some(vars)
+            }
+        };
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-system-x86_64 (apt qemu-system-x86)")?;
+        Ok(Self { child, serial, _vars: vars })
+    }
+
+    pub fn serial_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    /// The last `lines` lines of the serial console, for failure messages.
+    pub fn serial_tail(&self, lines: usize) -> String {
+        let text = self.serial_text();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// Waits until `check` passes, failing with the serial tail after `timeout` or when QEMU
+    /// exits.
+    pub fn wait_for<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&Self) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = check(self) {
+                return Ok(found);
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("QEMU exited ({status}) before {what}; serial:\n{}", self.serial_tail(60));
+            }
+            if Instant::now() >= deadline {
+                bail!("no {what} within {timeout:?}; serial:\n{}", self.serial_tail(60));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
