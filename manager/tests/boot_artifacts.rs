@@ -1,0 +1,83 @@
+//! The discovery image and boot loaders kept current in the artifact store: built on first
+//! start, left alone while the inputs are unchanged, rebuilt when one changes.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::{fs, path::Path, sync::Arc};
+
+use ctpf_builders::DiscoverySources;
+use ctpf_bus::{BusConfig, MemoryBus};
+use ctpf_manager::boot_artifacts::{ensure, import_boot_files};
+use ctpf_registries::Registry;
+use ctpf_store::{artifacts::FsArtifactStore, state::RedbStateStore};
+
+/// A kernel package as `dpkg -x` leaves it, with one NIC driver, plus busybox and an agent.
+fn inputs(dir: &Path) -> DiscoverySources {
+    let linux = dir.join("linux");
+    let modules = linux.join("lib/modules/6.1.0-test/kernel/drivers/net");
+    fs::create_dir_all(&modules).unwrap();
+    fs::write(modules.join("virtio_net.ko"), b"\x7fELF\0depends=\0").unwrap();
+    fs::create_dir_all(linux.join("boot")).unwrap();
+    fs::write(linux.join("boot/vmlinuz-6.1.0-test"), b"a kernel").unwrap();
+    fs::write(dir.join("busybox"), b"busybox").unwrap();
+    fs::write(dir.join("agent"), b"agent v1").unwrap();
+    DiscoverySources { linux_root: linux, busybox: dir.join("busybox"), agent: dir.join("agent") }
+}
+
+#[tokio::test]
+async fn the_discovery_image_is_rebuilt_only_when_an_input_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = Arc::new(RedbStateStore::open(&dir.path().join("state.redb")).unwrap());
+    let artifacts = FsArtifactStore::open(dir.path().join("artifacts")).await.unwrap();
+    let registry = Registry::new(state, Arc::new(MemoryBus::new(BusConfig::default())));
+    let sources = inputs(dir.path());
+
+    ensure(&registry, &artifacts, sources.clone()).await.unwrap();
+    let kernel = registry.artifact("discovery-x86_64-vmlinuz").await.unwrap();
+    let initrd = registry.artifact("discovery-x86_64-initrd").await.unwrap();
+    assert_eq!(kernel.size, 8);
+    assert!(initrd.tags.iter().any(|t| t.to_string().starts_with("build-key=")), "{initrd:?}");
+
+    // Unchanged inputs: the stored records are not touched.
+    ensure(&registry, &artifacts, sources.clone()).await.unwrap();
+    let again = registry.artifact("discovery-x86_64-initrd").await.unwrap();
+    assert_eq!(again.created_at, initrd.created_at);
+
+    // A new agent: a new initrd, same reproducible kernel.
+    fs::write(dir.path().join("agent"), b"agent v2").unwrap();
+    ensure(&registry, &artifacts, sources).await.unwrap();
+    let rebuilt = registry.artifact("discovery-x86_64-initrd").await.unwrap();
+    assert_ne!(rebuilt.digest, initrd.digest);
+    assert_eq!(registry.artifact("discovery-x86_64-vmlinuz").await.unwrap().digest, kernel.digest);
+}
+
+#[tokio::test]
+async fn missing_inputs_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = Arc::new(RedbStateStore::open(&dir.path().join("state.redb")).unwrap());
+    let artifacts = FsArtifactStore::open(dir.path().join("artifacts")).await.unwrap();
+    let registry = Registry::new(state, Arc::new(MemoryBus::new(BusConfig::default())));
+    let mut sources = inputs(dir.path());
+    sources.agent = dir.path().join("no-such-agent");
+    let error = ensure(&registry, &artifacts, sources).await.unwrap_err();
+    assert!(format!("{error:#}").contains("no-such-agent"), "{error:#}");
+}
+
+#[tokio::test]
+async fn boot_files_are_stored_through_links_and_absent_ones_skipped() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = Arc::new(RedbStateStore::open(&dir.path().join("state.redb")).unwrap());
+    let artifacts = FsArtifactStore::open(dir.path().join("artifacts")).await.unwrap();
+    let registry = Registry::new(state, Arc::new(MemoryBus::new(BusConfig::default())));
+    let root = dir.path().join("boot");
+    fs::create_dir(&root).unwrap();
+    fs::write(dir.path().join("real-ipxe.efi"), b"MZ efi").unwrap();
+    // Debian's /usr/lib/ipxe/ipxe.efi is a link to /boot/ipxe.efi.
+    std::os::unix::fs::symlink(dir.path().join("real-ipxe.efi"), root.join("ipxe.efi")).unwrap();
+    fs::write(root.join("undionly.kpxe"), b"pxe").unwrap();
+
+    let files = import_boot_files(&registry, &artifacts, &root).await.unwrap();
+    assert_eq!(files.keys().map(String::as_str).collect::<Vec<_>>(), ["ipxe.efi", "undionly.kpxe"]);
+    assert_eq!(registry.artifact("boot-ipxe.efi").await.unwrap().size, 6);
+    assert!(registry.artifact("boot-ipxe-arm64.efi").await.is_err());
+}
