@@ -612,6 +612,17 @@ async fn boot_scripts_follow_the_machine_life_cycle() {
     let other_nic = "/boot/ipxe?mac=52-54-00-77-00-11&uuid=8b5ba9c6-3c4c-4a5d-9d7e-2a4c1c9d0a11&arch=i386&platform=pcbios";
     let (_, bios) = get(other_nic.into()).await;
     assert!(bios.contains("sanboot --no-describe --drive 0x80"), "{bios}");
+    // The same decisions in GRUB's language, from what a ctpf-built GRUB image sends (GRUB
+    // reports MACs with colons).
+    let grub_bios = "/boot/grub?arch=i386&platform=pcbios&mac=52:54:00:77:00:11&uuid=8b5ba9c6-3c4c-4a5d-9d7e-2a4c1c9d0a11";
+    let (status, grub) = get(grub_bios.into()).await;
+    assert_eq!(status, StatusCode::OK, "{grub}");
+    assert!(grub.contains("chainloader +1") && !grub.contains("ctpf.token"), "{grub}");
+    let unknown = "/boot/grub?arch=x86_64&platform=efi&mac=52:54:00:77:00:99&uuid=";
+    let (status, grub) = get(unknown.into()).await;
+    assert_eq!(status, StatusCode::OK, "{grub}");
+    assert!(grub.contains("linux '(http,10.77.0.1:7480)/boot/discovery/x86_64/vmlinuz'"), "{grub}");
+    assert!(grub.contains("ctpf.token="), "{grub}");
 
     // Hostile or broken queries: 400 naming the field, never a script.
     let (status, body) =

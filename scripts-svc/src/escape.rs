@@ -62,6 +62,19 @@ impl askama::filters::Escaper for IpxeEscaper {
     }
 }
 
+/// The askama escaper for `.cfg` (GRUB) templates: the same check as [`IpxeEscaper`]. Text
+/// that passes it has no single quote, and the templates place every value inside single
+/// quotes, where GRUB's parser expands and interprets nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrubEscaper;
+
+impl askama::filters::Escaper for GrubEscaper {
+    fn write_escaped_str<W: fmt::Write>(&self, mut dest: W, string: &str) -> fmt::Result {
+        check_script_safe(string).map_err(|_| fmt::Error)?;
+        dest.write_str(string)
+    }
+}
+
 /// An absolute `http://` or `https://` URL that is safe to place in an iPXE script.
 ///
 /// Accepted: lowercase scheme, a host (DNS name, IPv4 or bracketed IPv6), an optional port,

@@ -111,10 +111,10 @@ pub fn render_entry(base_url: &BaseUrl) -> Result<String, ScriptError> {
 
 /// ctpf's own kernel parameters, written as one validated unit so the discovery and install
 /// templates cannot drift apart.
-struct CtpfKernelParams<'a> {
-    base_url: &'a BaseUrl,
-    token: &'a EnrollmentToken,
-    request: &'a BootRequest,
+pub(crate) struct CtpfKernelParams<'a> {
+    pub(crate) base_url: &'a BaseUrl,
+    pub(crate) token: &'a EnrollmentToken,
+    pub(crate) request: &'a BootRequest,
 }
 
 impl fmt::Display for CtpfKernelParams<'_> {
@@ -204,7 +204,7 @@ pub fn render_local_disk(request: &BootRequest) -> Result<String, ScriptError> {
 }
 
 /// Ends the script with exactly one newline (askama drops the template's last one).
-fn finish(
+pub(crate) fn finish(
     template: &'static str,
     rendered: Result<String, askama::Error>,
 ) -> Result<String, ScriptError> {

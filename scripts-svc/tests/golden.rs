@@ -5,7 +5,10 @@
 
 use std::path::PathBuf;
 
-use ctpf_scripts::{BootRequest, Profile, ScriptArch, ScriptContext, render_entry, render_machine};
+use ctpf_scripts::{
+    BootRequest, Profile, ScriptArch, ScriptContext, render_entry, render_grub_entry,
+    render_grub_machine, render_machine,
+};
 
 fn context() -> ScriptContext {
     ScriptContext::new("http://10.0.2.2:8080/", "tok_EN-r0ll").unwrap()
@@ -43,8 +46,20 @@ fn all_scripts() -> Vec<(String, String)> {
             let name = format!("{}-{}.ipxe", profile.kind(), arch);
             scripts.push((name, render_machine(&context, &request(arch), &profile).unwrap()));
         }
+        let entry = render_grub_entry(&context.base_url, arch).unwrap();
+        scripts.push((format!("grub-entry-{arch}.cfg"), entry));
+        for profile in [Profile::Discovery { cmdline: "console=ttyS0".into() }, Profile::LocalDisk]
+        {
+            let name = format!("grub-{}-{}.cfg", profile.kind(), arch);
+            scripts.push((name, render_grub_machine(&context, &request(arch), &profile).unwrap()));
+        }
     }
     scripts
+}
+
+/// The iPXE scripts only.
+fn ipxe_scripts() -> Vec<(String, String)> {
+    all_scripts().into_iter().filter(|(name, _)| name.ends_with(".ipxe")).collect()
 }
 
 fn golden_dir() -> PathBuf {
@@ -86,7 +101,7 @@ fn no_stale_golden_files() {
 /// Without an `ipxe` binary there is no syntax checker; these are the checks we can make.
 #[test]
 fn scripts_are_plausible_ipxe() {
-    for (name, script) in all_scripts() {
+    for (name, script) in ipxe_scripts() {
         assert!(script.starts_with("#!ipxe\n"), "{name}: must start with #!ipxe");
         assert!(script.ends_with('\n') && !script.ends_with("\n\n"), "{name}: one final newline");
         for marker in ["{{", "}}", "{%", "%}", "{#", "#}"] {
@@ -157,4 +172,45 @@ fn local_disk_boot_depends_on_firmware() {
         assert!(!efi.contains("sanboot"), "{arch}");
         assert!(efi.lines().any(|l| l == "exit 1"), "{arch}");
     }
+}
+
+/// GRUB scripts: every interpolated value is single-quoted, only GRUB's own variables are
+/// expanded, and `if`/`fi`, `for`/`done` balance.
+#[test]
+fn grub_scripts_are_plausible() {
+    for (name, script) in all_scripts().into_iter().filter(|(name, _)| name.ends_with(".cfg")) {
+        assert!(script.ends_with('\n') && !script.ends_with("\n\n"), "{name}: one final newline");
+        for marker in ["{{", "}}", "{%", "%}", "{#", "#}"] {
+            assert!(!script.contains(marker), "{name}: unexpanded template marker {marker}");
+        }
+        for (number, line) in script.lines().enumerate() {
+            let at = format!("{name}:{}", number + 1);
+            assert_eq!(line.matches('\'').count() % 2, 0, "{at}: unbalanced single quotes");
+            for variable in line.split("${").skip(1) {
+                let name = variable.split('}').next().unwrap();
+                assert!(
+                    ["attempt", "ctpf_up", "net_default_mac", "ctpf_uuid"].contains(&name),
+                    "{at}: unexpected expansion ${{{name}}}"
+                );
+            }
+        }
+        let count = |word: &str| script.split_whitespace().filter(|w| *w == word).count();
+        assert_eq!(count("if"), count("fi"), "{name}: if/fi");
+        assert_eq!(count("do"), count("done"), "{name}: do/done");
+    }
+}
+
+#[test]
+fn grub_needs_a_plain_http_root_url_and_refuses_install_profiles() {
+    let https = ScriptContext::new("https://ctpf.example", "tok").unwrap();
+    let err = render_grub_entry(&https.base_url, ScriptArch::X86_64Efi).unwrap_err();
+    assert_eq!(err.field(), Some("base_url"), "{err}");
+    let install = install_profile(ScriptArch::X86_64Efi);
+    let err =
+        render_grub_machine(&context(), &request(ScriptArch::X86_64Efi), &install).unwrap_err();
+    assert_eq!(err.field(), Some("profile"), "{err}");
+    let hostile = Profile::Discovery { cmdline: "quiet' ; reboot '".into() };
+    let err =
+        render_grub_machine(&context(), &request(ScriptArch::X86_64Bios), &hostile).unwrap_err();
+    assert_eq!(err.field(), Some("discovery.cmdline"), "{err}");
 }

@@ -117,18 +117,21 @@ fn hostile_query_values_are_rejected_by_field() {
 }
 
 /// Defence in depth: templates never bypass the escaper with `|safe`, and every template is
-/// rendered with `IpxeEscaper` (the `.ipxe` extension is what selects it).
+/// rendered with `IpxeEscaper` or `GrubEscaper` (the `.ipxe` / `.cfg` extension selects it).
 #[test]
 fn templates_do_not_bypass_the_escaper() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
     for entry in std::fs::read_dir(dir).unwrap() {
         let path = entry.unwrap().path();
-        assert_eq!(path.extension().unwrap(), "ipxe", "{}", path.display());
+        let extension = path.extension().unwrap();
+        assert!(extension == "ipxe" || extension == "cfg", "{}", path.display());
         let text = std::fs::read_to_string(&path).unwrap();
         for bypass in ["|safe", "| safe", "escape(", "e(\"none", "e(\"txt"] {
             assert!(!text.contains(bypass), "{} uses {bypass}", path.display());
         }
     }
     let config = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/askama.toml"));
-    assert!(config.unwrap().contains("crate::escape::IpxeEscaper"));
+    let config = config.unwrap();
+    assert!(config.contains("crate::escape::IpxeEscaper"));
+    assert!(config.contains("crate::escape::GrubEscaper"));
 }

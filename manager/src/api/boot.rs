@@ -16,7 +16,8 @@ use axum::{
 use ctpf_common::{HostState, Name, NewDatacenter};
 use ctpf_registries::RegistryError;
 use ctpf_scripts::{
-    BaseUrl, BootQuery, Profile, ScriptContext, render_entry, render_local_disk, render_machine,
+    BaseUrl, BootQuery, BootRequest, Profile, ScriptContext, render_entry, render_grub_local_disk,
+    render_grub_machine, render_local_disk, render_machine,
 };
 
 use super::{ApiError, AppState, download};
@@ -54,6 +55,36 @@ pub async fn entry_script(State(s): State<AppState>) -> Result<Response, ApiErro
     Ok(script(render_entry(&s.boot.base_url).map_err(script_error)?))
 }
 
+/// What a machine boots next, decided from the registry.
+enum Decision {
+    LocalDisk(BootRequest),
+    Discovery { context: ScriptContext, request: BootRequest, profile: Profile },
+}
+
+/// An installed (or ready) host boots its disk; every other machine the discovery
+/// environment, with a fresh one-time enrollment token for its datacenter.
+async fn decide(s: &AppState, query: BootQuery) -> Result<Decision, ApiError> {
+    let request = query.into_request()?;
+    let known = s.registry.host_by_identity(request.uuid, &[request.mac]).await?;
+    let installed = known
+        .as_ref()
+        .is_some_and(|(host, _)| matches!(host.state, HostState::Installed | HostState::Ready));
+    if installed {
+        tracing::info!(mac = %request.mac, arch = request.arch.as_str(), "installed: local disk boot");
+        return Ok(Decision::LocalDisk(request));
+    }
+    let datacenter = known
+        .map(|(host, _)| host.datacenter)
+        .or_else(|| request.datacenter.clone())
+        .unwrap_or_else(|| s.boot.datacenter.clone());
+    ensure_datacenter(s, &datacenter).await?;
+    let (token, _) = s.registry.issue_enrollment_token(&datacenter, DISCOVERY_TOKEN_TTL, 1).await?;
+    let context = ScriptContext::new(s.boot.base_url.as_str(), &token).map_err(script_error)?;
+    tracing::info!(mac = %request.mac, arch = request.arch.as_str(), %datacenter, "discovery boot");
+    let profile = Profile::Discovery { cmdline: s.boot.discovery_cmdline.clone() };
+    Ok(Decision::Discovery { context, request, profile })
+}
+
 /// The script for one machine, identified by what iPXE knows of it.
 #[utoipa::path(get, path = "/boot/ipxe", tag = "boot", security(()),
     params(("mac" = String, Query), ("uuid" = Option<String>, Query), ("arch" = String, Query,
@@ -64,26 +95,33 @@ pub async fn machine_script(
     State(s): State<AppState>,
     Query(query): Query<BootQuery>,
 ) -> Result<Response, ApiError> {
-    let request = query.into_request()?;
-    let known = s.registry.host_by_identity(request.uuid, &[request.mac]).await?;
-    let installed = known
-        .as_ref()
-        .is_some_and(|(host, _)| matches!(host.state, HostState::Installed | HostState::Ready));
-    if installed {
-        tracing::info!(mac = %request.mac, arch = request.arch.as_str(), "installed: local disk boot");
-        return Ok(script(render_local_disk(&request).map_err(script_error)?));
-    }
-    let datacenter = known
-        .map(|(host, _)| host.datacenter)
-        .or_else(|| request.datacenter.clone())
-        .unwrap_or_else(|| s.boot.datacenter.clone());
-    ensure_datacenter(&s, &datacenter).await?;
-    let (token, _) = s.registry.issue_enrollment_token(&datacenter, DISCOVERY_TOKEN_TTL, 1).await?;
-    let context = ScriptContext::new(s.boot.base_url.as_str(), &token).map_err(script_error)?;
-    let profile = Profile::Discovery { cmdline: s.boot.discovery_cmdline.clone() };
-    let text = render_machine(&context, &request, &profile).map_err(script_error)?;
-    tracing::info!(mac = %request.mac, arch = request.arch.as_str(), %datacenter, "discovery boot");
-    Ok(script(text))
+    let text = match decide(&s, query).await? {
+        Decision::LocalDisk(request) => render_local_disk(&request),
+        Decision::Discovery { context, request, profile } => {
+            render_machine(&context, &request, &profile)
+        }
+    };
+    Ok(script(text.map_err(script_error)?))
+}
+
+/// The GRUB config for one machine, for GRUB images that ctpf built (their embedded config
+/// sends the same query as iPXE: `arch` is GRUB's CPU, `i386` on BIOS).
+#[utoipa::path(get, path = "/boot/grub", tag = "boot", security(()),
+    params(("mac" = String, Query), ("uuid" = Option<String>, Query), ("arch" = String, Query,
+        description = "i386, x86_64 or arm64"), ("platform" = String, Query, description = "pcbios or efi"),
+        ("datacenter" = Option<String>, Query)),
+    responses((status = 200, content_type = "text/plain", body = String), (status = 400, body = super::ErrorBody)))]
+pub async fn machine_grub_config(
+    State(s): State<AppState>,
+    Query(query): Query<BootQuery>,
+) -> Result<Response, ApiError> {
+    let text = match decide(&s, query).await? {
+        Decision::LocalDisk(request) => render_grub_local_disk(&request),
+        Decision::Discovery { context, request, profile } => {
+            render_grub_machine(&context, &request, &profile)
+        }
+    };
+    Ok(script(text.map_err(script_error)?))
 }
 
 async fn ensure_datacenter(s: &AppState, name: &Name) -> Result<(), ApiError> {

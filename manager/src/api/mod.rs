@@ -86,6 +86,7 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(enroll))
         .routes(routes!(boot::entry_script))
         .routes(routes!(boot::machine_script))
+        .routes(routes!(boot::machine_grub_config))
         .routes(routes!(boot::discovery_file))
         .routes(routes!(boot::boot_file))
         .with_state(state.clone())

@@ -1,0 +1,113 @@
+//! GRUB flavours of the boot scripts, for sites that boot GRUB images instead of iPXE: the
+//! entry config embedded in the image, and each machine's config, fetched over GRUB's own
+//! HTTP client (`(http,HOST:PORT)/path`). The decisions are the same as for iPXE; only the
+//! language differs.
+
+use askama::Template;
+use ctpf_common::{MacAddr, ParseError};
+
+use crate::escape::{BaseUrl, KernelCmdline};
+use crate::render::{CtpfKernelParams, Profile, ScriptContext, ScriptError, finish};
+use crate::request::{BootRequest, ScriptArch};
+
+/// GRUB's HTTP client speaks plain HTTP only, and names servers `HOST:PORT` inside a device.
+fn http_server(base_url: &BaseUrl) -> Result<String, ScriptError> {
+    let authority = base_url.as_str().strip_prefix("http://").ok_or_else(|| {
+        ParseError::new("base_url", base_url.as_str(), "GRUB fetches over plain http:// only")
+    })?;
+    if authority.contains('/') {
+        return Err(ParseError::new(
+            "base_url",
+            base_url.as_str(),
+            "GRUB needs ctpf at the root of its server (no path)",
+        )
+        .into());
+    }
+    Ok(authority.to_owned())
+}
+
+/// GRUB's names for what it runs on, as the entry config reports them back.
+fn grub_platform(arch: ScriptArch) -> (&'static str, &'static str) {
+    match arch {
+        ScriptArch::X86_64Bios => ("i386", "pcbios"),
+        ScriptArch::X86_64Efi => ("x86_64", "efi"),
+        ScriptArch::Arm64Efi => ("arm64", "efi"),
+    }
+}
+
+#[derive(Template)]
+#[template(path = "grub_entry.cfg")]
+struct GrubEntry<'a> {
+    base_url: &'a BaseUrl,
+    http_server: String,
+    grub_cpu: &'static str,
+    grub_platform: &'static str,
+}
+
+/// The config embedded in a GRUB image for `arch`: DHCP with retries, then `source` of
+/// `{base_url}/boot/grub?arch=..&platform=..&mac=..&uuid=..` (the same query as iPXE's, so
+/// [`crate::BootQuery`] parses it).
+pub fn render_grub_entry(base_url: &BaseUrl, arch: ScriptArch) -> Result<String, ScriptError> {
+    let (grub_cpu, grub_platform) = grub_platform(arch);
+    let entry =
+        GrubEntry { base_url, http_server: http_server(base_url)?, grub_cpu, grub_platform };
+    finish("grub entry", entry.render())
+}
+
+#[derive(Template)]
+#[template(path = "grub_discovery.cfg")]
+struct GrubDiscovery<'a> {
+    http_server: String,
+    mac: &'a MacAddr,
+    arch: ScriptArch,
+    cpu: &'static str,
+    cmdline: KernelCmdline,
+    ctpf_params: CtpfKernelParams<'a>,
+}
+
+#[derive(Template)]
+#[template(path = "grub_local_disk.cfg")]
+struct GrubLocalDisk<'a> {
+    mac: &'a MacAddr,
+    arch: ScriptArch,
+}
+
+/// One machine's GRUB config. Install profiles name arbitrary URLs, which GRUB cannot fetch
+/// in general (https, paths under other servers), so they are refused (field `profile`):
+/// such sites chainload iPXE from GRUB instead.
+pub fn render_grub_machine(
+    context: &ScriptContext,
+    request: &BootRequest,
+    profile: &Profile,
+) -> Result<String, ScriptError> {
+    let rendered = match profile {
+        Profile::Discovery { cmdline } => GrubDiscovery {
+            http_server: http_server(&context.base_url)?,
+            mac: &request.mac,
+            arch: request.arch,
+            cpu: request.arch.cpu_name(),
+            cmdline: KernelCmdline::parse("discovery.cmdline", cmdline)?,
+            ctpf_params: CtpfKernelParams {
+                base_url: &context.base_url,
+                token: &context.enrollment_token,
+                request,
+            },
+        }
+        .render(),
+        Profile::Install { .. } => {
+            return Err(ParseError::new(
+                "profile",
+                "install",
+                "GRUB boots install profiles only by chainloading iPXE",
+            )
+            .into());
+        }
+        Profile::LocalDisk => return render_grub_local_disk(request),
+    };
+    finish("grub discovery", rendered)
+}
+
+/// An installed machine's GRUB config: boot its own disk.
+pub fn render_grub_local_disk(request: &BootRequest) -> Result<String, ScriptError> {
+    finish("grub local disk", GrubLocalDisk { mac: &request.mac, arch: request.arch }.render())
+}
