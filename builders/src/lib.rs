@@ -1,10 +1,13 @@
-//! Builders: today the discovery image (a Debian kernel plus a deterministic cpio "newc" +
-//! gzip initramfs with the NIC drivers and the agent); bootloader builds join later. See ARCHITECTURE.md.
+//! Builders: the discovery image (a Debian kernel plus a deterministic cpio "newc" + gzip
+//! initramfs with the NIC drivers and the agent), running build tools under control
+//! (`process`) and the iPXE make frontend (`ipxe`). See ARCHITECTURE.md.
 
 pub mod cpio;
 pub mod discovery;
 pub mod initramfs;
+pub mod ipxe;
 pub mod kmod;
+pub mod process;
 
 pub use cpio::{ArchivePath, CpioArchive, CpioError, FileData, NewcWriter};
 pub use discovery::{DiscoveryError, DiscoveryPlan, DiscoverySources};
