@@ -150,7 +150,40 @@ pub async fn serve_api(
     shutdown: CancellationToken,
 ) -> Result<()> {
     let app = api::router(state).layer(tower_http::trace::TraceLayer::new_for_http());
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await?;
+    // hyper directly rather than `axum::serve`, for one setting: header names in title case
+    // (`Content-Length`). GRUB's HTTP client matches header names case-sensitively; without
+    // the length it reads a kept-alive connection until it times out.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.title_case_headers(true).timer(hyper_util::rt::TokioTimer::new());
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: pause instead of spinning.
+                    tracing::warn!(%error, "accepting an API connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let connection = connections.watch(http.serve_connection(io, service));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "API connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    // In-flight requests finish (long polls end on the same shutdown signal); idle
+    // keep-alive connections are closed.
+    if tokio::time::timeout(Duration::from_secs(10), connections.shutdown()).await.is_err() {
+        tracing::warn!("API connections still open 10 s after shutdown; closing them");
+    }
     Ok(())
 }
 

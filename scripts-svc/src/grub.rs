@@ -61,8 +61,8 @@ struct GrubDiscovery<'a> {
     mac: &'a MacAddr,
     arch: ScriptArch,
     cpu: &'static str,
-    cmdline: KernelCmdline,
-    ctpf_params: CtpfKernelParams<'a>,
+    /// The operator's parameters, then ctpf's, one word each.
+    kernel_words: Vec<String>,
 }
 
 #[derive(Template)]
@@ -81,19 +81,29 @@ pub fn render_grub_machine(
     profile: &Profile,
 ) -> Result<String, ScriptError> {
     let rendered = match profile {
-        Profile::Discovery { cmdline } => GrubDiscovery {
-            http_server: http_server(&context.base_url)?,
-            mac: &request.mac,
-            arch: request.arch,
-            cpu: request.arch.cpu_name(),
-            cmdline: KernelCmdline::parse("discovery.cmdline", cmdline)?,
-            ctpf_params: CtpfKernelParams {
+        Profile::Discovery { cmdline } => {
+            let cmdline = KernelCmdline::parse("discovery.cmdline", cmdline)?;
+            let ctpf_params = CtpfKernelParams {
                 base_url: &context.base_url,
                 token: &context.enrollment_token,
                 request,
-            },
+            }
+            .to_string();
+            let kernel_words = cmdline
+                .as_str()
+                .split_whitespace()
+                .chain(ctpf_params.split_whitespace())
+                .map(str::to_owned)
+                .collect();
+            GrubDiscovery {
+                http_server: http_server(&context.base_url)?,
+                mac: &request.mac,
+                arch: request.arch,
+                cpu: request.arch.cpu_name(),
+                kernel_words,
+            }
+            .render()
         }
-        .render(),
         Profile::Install { .. } => {
             return Err(ParseError::new(
                 "profile",

@@ -189,7 +189,7 @@ fn grub_scripts_are_plausible() {
             for variable in line.split("${").skip(1) {
                 let name = variable.split('}').next().unwrap();
                 assert!(
-                    ["attempt", "ctpf_up", "net_default_mac", "ctpf_uuid"].contains(&name),
+                    ["net_default_mac", "ctpf_uuid"].contains(&name),
                     "{at}: unexpected expansion ${{{name}}}"
                 );
             }
