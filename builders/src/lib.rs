@@ -4,6 +4,7 @@
 
 pub mod cpio;
 pub mod discovery;
+pub mod grub;
 pub mod initramfs;
 pub mod ipxe;
 pub mod kmod;

@@ -250,6 +250,28 @@ fn ipxe_gets_the_script_not_itself() {
     assert_boot_reply(&reply, &req, MessageType::Offer, SCRIPT, "PXEClient");
 }
 
+/// With GRUB as the boot loader there is no iPXE chain: an iPXE NIC ROM is just a PXE client
+/// and gets GRUB's image like any firmware.
+#[test]
+fn with_grub_every_pxe_client_gets_the_grub_image() {
+    let mut core = DhcpCore::proxy(boot().with_grub("http://10.77.0.1:7480/"));
+    let req = seabios_ipxe();
+    let (reply, _) = roundtrip(&mut core, &req, RequestPort::Dhcp, 0).unwrap();
+    assert_boot_reply(&reply, &req, MessageType::Offer, "core.0", "PXEClient");
+    let req = ovmf_x64(MessageType::Discover);
+    let (reply, _) = roundtrip(&mut core, &req, RequestPort::Dhcp, 0).unwrap();
+    assert_boot_reply(&reply, &req, MessageType::Offer, "grubx64.efi", "PXEClient");
+    let req = http_client();
+    let (reply, _) = roundtrip(&mut core, &req, RequestPort::Dhcp, 0).unwrap();
+    assert_boot_reply(
+        &reply,
+        &req,
+        MessageType::Offer,
+        "http://10.77.0.1:7480/grubx64.efi",
+        "HTTPClient",
+    );
+}
+
 #[test]
 fn uefi_http_boot_gets_a_url() {
     let req = http_client();
@@ -740,14 +762,14 @@ fn hostile_specifics_are_dropped() {
 
     // A boot URL longer than the 128-byte file field goes in option 67 only.
     let mut long = boot();
-    long.ipxe_script_url = format!("http://10.77.0.1:7480/{}", "x".repeat(200));
+    long.ipxe_script_url = Some(format!("http://10.77.0.1:7480/{}", "x".repeat(200)));
     let mut core = DhcpCore::proxy(long.clone());
     let out = core.handle(&bytes(&seabios_ipxe()), RequestPort::Dhcp, 0).unwrap();
     let reply = dhcp::parse(&out.bytes).unwrap();
     assert_eq!(reply.fname(), None);
     assert_eq!(
         bytes_opt(&reply, OptionCode::BootfileName).unwrap(),
-        long.ipxe_script_url.as_bytes()
+        long.ipxe_script_url.unwrap().as_bytes()
     );
 }
 

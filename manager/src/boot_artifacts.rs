@@ -151,7 +151,8 @@ async fn store(
 
 /// Boot loader files UEFI HTTP boot fetches by URL (the DHCP answer names them), stored as
 /// artifacts `boot-FILE`.
-pub const HTTP_BOOT_FILES: &[&str] = &["ipxe.efi", "ipxe-arm64.efi", "undionly.kpxe"];
+pub const HTTP_BOOT_FILES: &[&str] =
+    &["ipxe.efi", "ipxe-arm64.efi", "undionly.kpxe", "grubx64.efi", "grubaa64.efi", "core.0"];
 
 /// The artifact name of an HTTP boot file.
 pub fn boot_file_artifact(file: &str) -> String {
@@ -185,6 +186,56 @@ pub async fn import_boot_files(
         )
         .await?;
         stored.insert((*file).to_owned(), artifact.digest);
+    }
+    Ok(stored)
+}
+
+/// Builds the GRUB boot images (`--pxe-loader grub`) with the entry config for `base_url`
+/// embedded, and stores them as `boot-FILE` like the iPXE files. grub-mkimage takes a
+/// fraction of a second and is reproducible, so they are made on every start; unchanged
+/// bytes land on the same digest. arm64 is built only where its modules are installed.
+pub async fn build_grub_images(
+    registry: &Registry,
+    artifacts: &dyn ArtifactStore,
+    base_url: &ctpf_scripts::BaseUrl,
+) -> Result<BTreeMap<String, Sha256Digest>> {
+    use ctpf_builders::grub::{GrubError, GrubImageRequest, GrubTarget, build_image};
+    let mut stored = BTreeMap::new();
+    for (target, arch) in [
+        (GrubTarget::X86_64Efi, ctpf_scripts::ScriptArch::X86_64Efi),
+        (GrubTarget::I386PcPxe, ctpf_scripts::ScriptArch::X86_64Bios),
+        (GrubTarget::Arm64Efi, ctpf_scripts::ScriptArch::Arm64Efi),
+    ] {
+        let config = ctpf_scripts::render_grub_entry(base_url, arch)?;
+        let request = GrubImageRequest::new(target, config);
+        let dir = tempfile::tempdir().context("a build directory")?;
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let log = |line: ctpf_builders::process::LogLine| {
+            tracing::debug!(target = target.format(), "{}", line.text);
+        };
+        let image = match build_image(&request, dir.path(), cancel, log).await {
+            Ok(image) => image,
+            Err(GrubError::MissingModules { .. }) if target == GrubTarget::Arm64Efi => {
+                tracing::info!(
+                    "no arm64 GRUB modules (grub-efi-arm64-bin); arm64 PXE clients get no image"
+                );
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let file = target.file_name();
+        let tags = Tags::default();
+        let artifact = store(
+            registry,
+            artifacts,
+            &boot_file_artifact(file),
+            &image.path,
+            ArtifactKind::Bootloader,
+            &tags,
+        )
+        .await?;
+        tracing::info!(file, digest = %artifact.digest, bytes = artifact.size, "GRUB image built");
+        stored.insert(file.to_owned(), artifact.digest);
     }
     Ok(stored)
 }

@@ -28,6 +28,17 @@ pub enum DhcpMode {
     Off,
 }
 
+/// What PXE clients load first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum PxeLoader {
+    /// iPXE (`undionly.kpxe`, `ipxe.efi` from --tftp-root), which chains ctpf's iPXE scripts.
+    #[default]
+    Ipxe,
+    /// GRUB images ctpf builds with its URL embedded (`core.0`, `grubx64.efi`; Debian's
+    /// grub-pc-bin and grub-efi-amd64-bin), which load ctpf's GRUB configs.
+    Grub,
+}
+
 #[derive(Debug, Args)]
 pub struct BootArgs {
     /// Serve network boot (DHCP, TFTP) on this interface. Without --listen, the API then
@@ -57,6 +68,9 @@ pub struct BootArgs {
     /// interface, so iPXE does not wait ~13 s for one on every boot.
     #[arg(long, env = "CTPF_IPV6_RA")]
     pub ipv6_ra: bool,
+    /// The boot loader PXE clients get.
+    #[arg(long, env = "CTPF_PXE_LOADER", value_enum, default_value_t)]
+    pub pxe_loader: PxeLoader,
 }
 
 impl BootArgs {
@@ -72,6 +86,7 @@ impl BootArgs {
                 ("--dhcp-dns", !self.dhcp_dns.is_empty()),
                 ("--tftp-root", self.tftp_root.is_some()),
                 ("--ipv6-ra", self.ipv6_ra),
+                ("--pxe-loader", self.pxe_loader != PxeLoader::Ipxe),
             ];
             if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
                 bail!("{flag} needs --boot-interface IFACE");
@@ -161,7 +176,7 @@ pub fn boot_config(address: Ipv4Addr, public_url: &str) -> BootConfig {
     BootConfig {
         http_boot_url_x64: format!("{base}/ipxe.efi"),
         http_boot_url_arm64: format!("{base}/ipxe-arm64.efi"),
-        ipxe_script_url: format!("{base}/boot.ipxe"),
+        ipxe_script_url: Some(format!("{base}/boot.ipxe")),
         ..BootConfig::standard(address, 0)
     }
 }
@@ -298,7 +313,7 @@ mod tests {
     #[test]
     fn boot_urls_follow_the_public_url() {
         let boot = boot_config(ADDR, "http://10.77.0.1:7480/");
-        assert_eq!(boot.ipxe_script_url, "http://10.77.0.1:7480/boot.ipxe");
+        assert_eq!(boot.ipxe_script_url.as_deref(), Some("http://10.77.0.1:7480/boot.ipxe"));
         assert_eq!(boot.tftp_server, ADDR);
         assert_eq!(boot.bios_file, "undionly.kpxe");
     }

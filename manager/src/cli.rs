@@ -421,6 +421,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 engines: args.engines.engines()?,
                 local_worker: Some(identity),
                 discovery: args.serve.discovery.clone(),
+                pxe_loader: args.boot.pxe_loader,
                 boot_service,
             };
             let shutdown = CancellationToken::new();
@@ -441,6 +442,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 engines,
                 local_worker: None,
                 discovery: args.serve.discovery.clone(),
+                pxe_loader: crate::boot_flags::PxeLoader::Ipxe,
                 boot_service: None,
             };
             let shutdown = CancellationToken::new();

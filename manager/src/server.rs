@@ -226,6 +226,8 @@ pub struct ControlPlane {
     pub local_worker: Option<WorkerIdentity>,
     /// Inputs and kernel parameters of the discovery image.
     pub discovery: crate::boot_artifacts::DiscoveryArgs,
+    /// iPXE or ctpf-built GRUB images for PXE clients (with a boot service only).
+    pub pxe_loader: crate::boot_flags::PxeLoader,
     /// DHCP and TFTP on the boot interface (`ctpf up --boot-interface`). Its boot URLs are
     /// set here once the API is bound, because its port may only be known then.
     pub boot_service: Option<BootServiceConfig>,
@@ -259,13 +261,6 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         }
     }
     let mut boot_service = plane.boot_service;
-    if let Some(boot) = &mut boot_service {
-        let files =
-            boot_artifacts::import_boot_files(&registry, artifacts.as_ref(), &boot.tftp_root)
-                .await
-                .context("storing the boot files")?;
-        boot.tftp_artifacts = Some(TftpArtifacts { store: artifacts.clone(), files });
-    }
 
     let listener = bind(plane.api, "api").await?;
     let public_url = match (&plane.public_url, &boot_service) {
@@ -277,9 +272,27 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         (None, _) => format!("http://{}", listener.local_addr()?),
     };
     let base_url = ctpf_scripts::BaseUrl::parse("public_url", &public_url)?;
+    let grub = plane.pxe_loader == crate::boot_flags::PxeLoader::Grub;
+    if let Some(boot) = &mut boot_service {
+        let mut files =
+            boot_artifacts::import_boot_files(&registry, artifacts.as_ref(), &boot.tftp_root)
+                .await
+                .context("storing the boot files")?;
+        if grub {
+            let images =
+                boot_artifacts::build_grub_images(&registry, artifacts.as_ref(), &base_url)
+                    .await
+                    .context("building the GRUB boot images (--pxe-loader grub)")?;
+            files.extend(images);
+        }
+        boot.tftp_artifacts = Some(TftpArtifacts { store: artifacts.clone(), files });
+    }
     let boot_service = match boot_service {
         Some(config) => {
-            let boot = crate::boot_flags::boot_config(config.address, &public_url);
+            let mut boot = crate::boot_flags::boot_config(config.address, &public_url);
+            if grub {
+                boot = boot.with_grub(&public_url);
+            }
             let service = BootService::bind(BootServiceConfig { boot, ..config }).await?;
             let stop_all = shutdown.clone();
             // A failed boot socket stops `ctpf up` rather than leaving it half-working.

@@ -216,3 +216,33 @@ fn proxy_dhcp_boots_beside_a_home_router_handing_out_addresses() {
     );
     drop(daemon);
 }
+
+/// `--pxe-loader grub`: ctpf builds GRUB images with its URL embedded and hands them out
+/// instead of iPXE; GRUB's own network stack then loads the discovery kernel over HTTP.
+#[test]
+fn grub_images_built_by_ctpf_boot_uefi_and_bios_machines_to_the_callback() {
+    let lan = BootLan::create().unwrap();
+    let mut dhcp = authoritative(&lan);
+    dhcp.extend(["--pxe-loader".to_owned(), "grub".to_owned()]);
+    let mut site = start_site(lan, &dhcp.iter().map(String::as_str).collect::<Vec<_>>());
+    let transferred = |site: &Site, file: &str| {
+        site.up
+            .log_text()
+            .lines()
+            .any(|l| l.contains("tftp transfer") && l.contains(file) && l.contains("completed"))
+    };
+
+    // UEFI firmware PXE → TFTP grubx64.efi → GRUB DHCP → HTTP config → kernel and initrd.
+    let uefi = spec(Firmware::Uefi, "virtio-net-pci", false, 0x40);
+    let mut vm = site.boot(&uefi, "grub-uefi");
+    site.wait_enrolled(&mut vm, &uefi);
+    vm.stop();
+    assert!(transferred(&site, "grubx64.efi"), "{}", tail(&site.up.log_text(), 30));
+
+    // BIOS: the NIC's PXE ROM loads core.0 over TFTP (QEMU's ROM is iPXE, which with GRUB
+    // as the loader is served like any PXE firmware).
+    let bios = spec(Firmware::Bios, "virtio-net-pci", true, 0x41);
+    let mut vm = site.boot(&bios, "grub-bios");
+    site.wait_enrolled(&mut vm, &bios);
+    assert!(transferred(&site, "core.0"), "{}", tail(&site.up.log_text(), 30));
+}

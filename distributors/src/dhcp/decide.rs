@@ -51,13 +51,29 @@ pub struct BootConfig {
     pub http_boot_url_x64: String,
     pub http_boot_url_arm64: String,
     /// What iPXE (any architecture) gets instead of a boot file, so it does not chainload
-    /// itself forever.
-    pub ipxe_script_url: String,
+    /// itself forever. `None` when the boot files are not iPXE (GRUB): then an iPXE NIC ROM
+    /// is just a PXE client and gets the boot file like any other.
+    pub ipxe_script_url: Option<String>,
     /// Also send [`PXE_SKIP_DISCOVERY`] to UEFI PXE clients (off by default, see there).
     pub efi_skip_discovery: bool,
 }
 
 impl BootConfig {
+    /// Boot files are GRUB images (ctpf-built, with the config embedded): `core.0` for BIOS,
+    /// `grubx64.efi`/`grubaa64.efi` for UEFI, also over HTTP boot; iPXE ROMs get them too.
+    pub fn with_grub(self, base_url: &str) -> Self {
+        let base = base_url.trim_end_matches('/');
+        Self {
+            bios_file: "core.0".into(),
+            efi_x64_file: "grubx64.efi".into(),
+            efi_arm64_file: "grubaa64.efi".into(),
+            http_boot_url_x64: format!("{base}/grubx64.efi"),
+            http_boot_url_arm64: format!("{base}/grubaa64.efi"),
+            ipxe_script_url: None,
+            ..self
+        }
+    }
+
     /// The usual layout: everything served by `server_ip`, HTTP on `http_port`.
     pub fn standard(server_ip: Ipv4Addr, http_port: u16) -> Self {
         Self {
@@ -69,7 +85,7 @@ impl BootConfig {
             efi_ia32_file: None,
             http_boot_url_x64: format!("http://{server_ip}:{http_port}/ipxe.efi"),
             http_boot_url_arm64: format!("http://{server_ip}:{http_port}/ipxe-arm64.efi"),
-            ipxe_script_url: format!("http://{server_ip}:{http_port}/boot.ipxe"),
+            ipxe_script_url: Some(format!("http://{server_ip}:{http_port}/boot.ipxe")),
             efi_skip_discovery: false,
         }
     }
@@ -123,8 +139,8 @@ pub fn boot_target(info: &ClientInfo, boot: &BootConfig) -> Option<BootTarget> {
         pxe_options: skip_discovery,
         next_server: Some(boot.tftp_server),
     };
-    if info.ipxe {
-        return Some(pxe(&boot.ipxe_script_url));
+    if let (true, Some(url)) = (info.ipxe, &boot.ipxe_script_url) {
+        return Some(pxe(url));
     }
     let Some(arch) = info.arch else {
         tracing::debug!(mac = ?info.mac, "boot client sent no architecture; not answering");
