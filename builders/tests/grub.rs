@@ -53,3 +53,30 @@ async fn a_failing_grub_mkimage_reports_its_output() {
     let text = err.to_string();
     assert!(text.contains("grub-mkimage failed") && text.contains("[stderr]"), "{text}");
 }
+
+/// arm64 GRUB modules come from Debian's arm64 package, unpacked by `.ci/run` into the target
+/// dir's test cache (`CTPF_GRUB_ARM64_LIB` overrides): an amd64 grub-mkimage builds arm64
+/// images from them.
+fn arm64_grub_lib() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("CTPF_GRUB_ARM64_LIB") {
+        return dir.into();
+    }
+    let exe = std::env::current_exe().unwrap();
+    // .../target/debug/deps/grub-HASH
+    exe.ancestors().nth(3).unwrap().join("ctpf-test-cache/grub-arm64/usr/lib/grub")
+}
+
+#[tokio::test]
+async fn the_arm64_image_is_pe_for_aarch64_with_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut request = GrubImageRequest::new(GrubTarget::Arm64Efi, CONFIG);
+    request.grub_lib = arm64_grub_lib();
+    let image = build_image(&request, dir.path(), CancellationToken::new(), |_| {})
+        .await
+        .unwrap_or_else(|e| panic!("{e} (.ci/run unpacks grub-efi-arm64-bin:arm64)"));
+    let bytes = std::fs::read(&image.path).unwrap();
+    assert_eq!(pe_machine(&bytes), Ok(0xaa64));
+    assert!(image.path.ends_with("grubaa64.efi"));
+    // build_image already checked that the config is embedded verbatim; check it here too.
+    assert!(bytes.windows(CONFIG.len()).any(|w| w == CONFIG.as_bytes()));
+}
