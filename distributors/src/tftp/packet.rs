@@ -160,11 +160,16 @@ impl Packet {
 
     pub fn encode(&self) -> Bytes {
         let mut out = BytesMut::new();
+        self.encode_into(&mut out);
+        out.freeze()
+    }
+
+    /// Appends the encoded packet to `out`; with a reused buffer, sending allocates nothing.
+    pub fn encode_into(&self, out: &mut impl BufMut) {
         match self {
-            Packet::Rrq(request) => encode_request(&mut out, OP_RRQ, request),
-            Packet::Wrq(request) => encode_request(&mut out, OP_WRQ, request),
+            Packet::Rrq(request) => encode_request(out, OP_RRQ, request),
+            Packet::Wrq(request) => encode_request(out, OP_WRQ, request),
             Packet::Data { block, data } => {
-                out.reserve(4 + data.len());
                 out.put_u16(OP_DATA);
                 out.put_u16(*block);
                 out.put_slice(data);
@@ -176,14 +181,13 @@ impl Packet {
             Packet::Error { code, message } => {
                 out.put_u16(OP_ERROR);
                 out.put_u16(code.as_u16());
-                put_cstr(&mut out, message);
+                put_cstr(out, message);
             }
             Packet::Oack { options } => {
                 out.put_u16(OP_OACK);
-                put_options(&mut out, options);
+                put_options(out, options);
             }
         }
-        out.freeze()
     }
 
     pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
@@ -223,7 +227,7 @@ fn parse_options(mut rest: &[u8]) -> Result<Vec<TftpOption>, PacketError> {
     Ok(options)
 }
 
-fn encode_request(out: &mut BytesMut, opcode: u16, request: &Request) {
+fn encode_request(out: &mut impl BufMut, opcode: u16, request: &Request) {
     out.put_u16(opcode);
     put_cstr(out, &request.filename);
     put_cstr(
@@ -237,7 +241,7 @@ fn encode_request(out: &mut BytesMut, opcode: u16, request: &Request) {
     put_options(out, &request.options);
 }
 
-fn put_options(out: &mut BytesMut, options: &[TftpOption]) {
+fn put_options(out: &mut impl BufMut, options: &[TftpOption]) {
     for option in options {
         put_cstr(out, &option.name);
         put_cstr(out, &option.value);
@@ -246,8 +250,10 @@ fn put_options(out: &mut BytesMut, options: &[TftpOption]) {
 
 /// Writes `text` NUL-terminated; an embedded NUL would end the string early on the wire,
 /// so such bytes are dropped rather than producing a packet that parses differently.
-fn put_cstr(out: &mut BytesMut, text: &str) {
-    out.extend(text.bytes().filter(|&byte| byte != 0));
+fn put_cstr(out: &mut impl BufMut, text: &str) {
+    for byte in text.bytes().filter(|&byte| byte != 0) {
+        out.put_u8(byte);
+    }
     out.put_u8(0);
 }
 

@@ -203,16 +203,27 @@ impl Transfer {
 
     /// The packets to send now: the OACK, or the whole current window, or nothing.
     pub fn take_transmission(&mut self) -> Vec<Packet> {
+        let mut packets = Vec::new();
+        self.take_transmission_into(&mut packets);
+        packets
+    }
+
+    /// [`Transfer::take_transmission`] into a reused vector (cleared first), so a transfer
+    /// allocates nothing per window: DATA packets share the supplied blocks' bytes.
+    pub fn take_transmission_into(&mut self, packets: &mut Vec<Packet>) {
+        packets.clear();
         if !std::mem::take(&mut self.transmit_pending) {
-            return Vec::new();
+            return;
         }
         if let Some(options) = &self.pending_oack {
-            return vec![Packet::Oack { options: options.clone() }];
+            packets.push(Packet::Oack { options: options.clone() });
+            return;
         }
-        (self.first_unacked..)
-            .zip(&self.window)
-            .map(|(index, data)| Packet::Data { block: wire_block(index), data: data.clone() })
-            .collect()
+        packets.extend(
+            (self.first_unacked..)
+                .zip(&self.window)
+                .map(|(index, data)| Packet::Data { block: wire_block(index), data: data.clone() }),
+        );
     }
 
     pub fn on_packet(&mut self, packet: Packet) -> Step {
