@@ -9,6 +9,7 @@ pub mod initramfs;
 pub mod ipxe;
 pub mod kmod;
 pub mod process;
+pub mod syslinux;
 
 pub use cpio::{ArchivePath, CpioArchive, CpioError, FileData, NewcWriter};
 pub use discovery::{DiscoveryError, DiscoveryPlan, DiscoverySources};
