@@ -9,6 +9,7 @@ pub mod initramfs;
 pub mod ipxe;
 pub mod kmod;
 pub mod process;
+pub mod single_flight;
 pub mod syslinux;
 
 pub use cpio::{ArchivePath, CpioArchive, CpioError, FileData, NewcWriter};
