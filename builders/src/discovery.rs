@@ -3,8 +3,7 @@
 //! agent). Every input is hashed into a build key, so a caller can tell whether the image it
 //! stored last time is still current without building anything.
 
-use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use ctpf_common::Sha256Digest;
@@ -122,18 +121,12 @@ impl DiscoveryPlan {
 }
 
 fn file_digest(what: &'static str, path: &Path) -> Result<[u8; 32], DiscoveryError> {
-    let input = |source| DiscoveryError::Input { what, path: path.to_owned(), source };
-    let mut file = File::open(path).map_err(input)?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 16];
-    loop {
-        let n = file.read(&mut buffer).map_err(input)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hasher.finalize().into())
+    let (digest, _) = crate::digest::file_sha256(path).map_err(|source| DiscoveryError::Input {
+        what,
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(*digest.as_bytes())
 }
 
 #[cfg(test)]

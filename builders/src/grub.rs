@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ctpf_common::Sha256Digest;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{self, BuildCommand, BuildOutcome, LogLine, ProcessError};
@@ -210,7 +209,7 @@ pub async fn build_image(
     check_image(request.target, &bytes, &request.config)?;
     Ok(GrubImage {
         path: output,
-        digest: Sha256Digest::from_bytes(Sha256::digest(&bytes).into()),
+        digest: Sha256Digest::of(&bytes),
         size: bytes.len() as u64,
         outcome,
     })

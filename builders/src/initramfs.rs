@@ -183,7 +183,10 @@ fn to_archive(spec: &InitramfsSpec) -> Result<CpioArchive, InitramfsError> {
     Ok(archive)
 }
 
-fn read_decompressed(path: &Path, encoding: HostEncoding) -> Result<Vec<u8>, InitramfsError> {
+pub(crate) fn read_decompressed(
+    path: &Path,
+    encoding: HostEncoding,
+) -> Result<Vec<u8>, InitramfsError> {
     let read_error = |source| InitramfsError::ReadHostFile { path: path.to_owned(), source };
     let decompress_error =
         |reason: String| InitramfsError::Decompress { path: path.to_owned(), reason };
@@ -333,7 +336,9 @@ pub fn discovery_spec(inputs: &DiscoveryInputs) -> Result<InitramfsSpec, Initram
 }
 
 /// `virtio_net.ko.xz` → (`virtio_net.ko`, Xz). Other suffixes (`.ko.zst`, ...) are refused.
-fn module_name_and_encoding(source: &Path) -> Result<(String, HostEncoding), InitramfsError> {
+pub(crate) fn module_name_and_encoding(
+    source: &Path,
+) -> Result<(String, HostEncoding), InitramfsError> {
     let not_module = |reason| InitramfsError::NotAKernelModule { path: source.to_owned(), reason };
     let file_name = source
         .file_name()

@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::fs::{self, File};
-use std::io::{self, Read};
+use std::fs;
+use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -487,22 +487,7 @@ fn copy_tree(from: &Path, to: &Path) -> Result<(), IpxeError> {
 }
 
 fn file_sha256(path: &Path) -> Result<(Sha256Digest, u64), IpxeError> {
-    let mut file = File::open(path).map_err(IpxeError::io("reading", path))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 16];
-    let mut size = 0u64;
-    loop {
-        match file.read(&mut buffer) {
-            Ok(0) => break,
-            Ok(n) => {
-                hasher.update(&buffer[..n]);
-                size += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(IpxeError::io("reading", path)(e)),
-        }
-    }
-    Ok((Sha256Digest::from_bytes(hasher.finalize().into()), size))
+    crate::digest::file_sha256(path).map_err(IpxeError::io("reading", path))
 }
 
 /// The generated `config/local/*.h` files: file name under `config/local/` and contents.

@@ -7,10 +7,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use flate2::read::GzDecoder;
+use crate::initramfs::{self, InitramfsError};
 
 /// NIC drivers the discovery image carries, roots of the dependency walk. virtio-net and
 /// e1000 are what VMs and QEMU tests use; e1000e, igb, igc, r8169, tg3 and bnx2 cover the
@@ -47,6 +46,8 @@ pub enum KmodError {
     UnknownModule { name: String, tree: PathBuf },
     #[error("module dependencies form a cycle through {name}")]
     Cycle { name: String },
+    #[error(transparent)]
+    Read(#[from] InitramfsError),
 }
 
 /// The modules of one kernel version: name (with `-` folded to `_`, as the kernel does) to
@@ -197,22 +198,10 @@ pub fn module_depends(path: &Path) -> Result<Vec<String>, KmodError> {
     Ok(text.split(',').filter(|d| !d.is_empty()).map(str::to_owned).collect())
 }
 
+/// A module's bytes, decompressed the way the initramfs writer does it.
 fn read_module(path: &Path) -> Result<Vec<u8>, KmodError> {
-    let raw = fs::read(path).map_err(io_error(path))?;
-    let name = path.to_string_lossy();
-    let mut out = Vec::new();
-    if name.ends_with(".xz") {
-        lzma_rs::xz_decompress(&mut raw.as_slice(), &mut out).map_err(|e| KmodError::Io {
-            path: path.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-        })?;
-        Ok(out)
-    } else if name.ends_with(".gz") {
-        GzDecoder::new(raw.as_slice()).read_to_end(&mut out).map_err(io_error(path))?;
-        Ok(out)
-    } else {
-        Ok(raw)
-    }
+    let (_, encoding) = initramfs::module_name_and_encoding(path)?;
+    Ok(initramfs::read_decompressed(path, encoding)?)
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! (`process`) and the iPXE make frontend (`ipxe`). See ARCHITECTURE.md.
 
 pub mod cpio;
+pub mod digest;
 pub mod discovery;
 pub mod grub;
 pub mod initramfs;

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use ctpf_common::Sha256Digest;
-use sha2::{Digest, Sha256};
 
 /// One file of the recipe: its name in the output, where Debian installs it (relative to
 /// the root), and the package that has it.
@@ -81,7 +80,7 @@ pub fn collect(root: &Path, out: &Path) -> Result<Vec<CollectedFile>, SyslinuxEr
         collected.push(CollectedFile {
             name: file.name,
             path,
-            digest: Sha256Digest::from_bytes(Sha256::digest(&bytes).into()),
+            digest: Sha256Digest::of(&bytes),
             size: bytes.len() as u64,
             package: file.package,
             package_version: (root == Path::new("/"))

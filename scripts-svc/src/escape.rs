@@ -69,9 +69,8 @@ impl askama::filters::Escaper for IpxeEscaper {
 pub struct GrubEscaper;
 
 impl askama::filters::Escaper for GrubEscaper {
-    fn write_escaped_str<W: fmt::Write>(&self, mut dest: W, string: &str) -> fmt::Result {
-        check_script_safe(string).map_err(|_| fmt::Error)?;
-        dest.write_str(string)
+    fn write_escaped_str<W: fmt::Write>(&self, dest: W, string: &str) -> fmt::Result {
+        IpxeEscaper.write_escaped_str(dest, string)
     }
 }
 
