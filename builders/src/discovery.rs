@@ -24,6 +24,8 @@ pub const UDHCPC_SCRIPT: &str = include_str!("../assets/udhcpc.script");
 pub enum DiscoveryError {
     #[error("discovery image input {what} ({path}): {source}")]
     Input { what: &'static str, path: PathBuf, source: io::Error },
+    #[error("the agent {path} {reason}; build it with --target x86_64-unknown-linux-musl")]
+    AgentNotStatic { path: PathBuf, reason: &'static str },
     #[error("no kernel for modules {version} in {root}: expected boot/vmlinuz-{version}")]
     NoKernel { root: PathBuf, version: String },
     #[error(transparent)]
@@ -86,6 +88,7 @@ impl DiscoveryPlan {
         field("applets", initramfs::DISCOVERY_APPLETS.join(",").as_bytes());
         field("kernel", &file_digest("kernel", &kernel)?);
         field("busybox", &file_digest("busybox", &sources.busybox)?);
+        check_static_agent(&sources.agent)?;
         field("agent", &file_digest("agent", &sources.agent)?);
         for module in &modules {
             let name = module.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
@@ -120,6 +123,44 @@ impl DiscoveryPlan {
     }
 }
 
+/// The initramfs has no C library: an agent linked against one (a plain `cargo build`)
+/// would fail to start on every machine, so it is refused here rather than at boot.
+fn check_static_agent(path: &Path) -> Result<(), DiscoveryError> {
+    let bytes = std::fs::read(path).map_err(|source| DiscoveryError::Input {
+        what: "agent",
+        path: path.to_owned(),
+        source,
+    })?;
+    static_elf(&bytes)
+        .map_err(|reason| DiscoveryError::AgentNotStatic { path: path.to_owned(), reason })
+}
+
+/// Ok for a 64-bit little-endian ELF executable without a program interpreter (PT_INTERP),
+/// i.e. one that needs no dynamic loader.
+pub fn static_elf(bytes: &[u8]) -> Result<(), &'static str> {
+    const PT_INTERP: u32 = 3;
+    if bytes.get(..6) != Some(b"\x7fELF\x02\x01") {
+        return Err("is not a 64-bit little-endian ELF executable");
+    }
+    let u16_at = |at: usize| bytes.get(at..at + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let header = (|| {
+        let phoff = u64::from_le_bytes(bytes.get(0x20..0x28)?.try_into().ok()?);
+        Some((usize::try_from(phoff).ok()?, usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?)))
+    })();
+    let (phoff, phentsize, phnum) = header.ok_or("has a truncated ELF header")?;
+    for index in 0..phnum {
+        let at = index.checked_mul(phentsize).and_then(|o| o.checked_add(phoff));
+        let kind = at
+            .and_then(|at| bytes.get(at..at.checked_add(4)?))
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or("has a truncated program header table")?;
+        if kind == PT_INTERP {
+            return Err("is dynamically linked (it names a program interpreter)");
+        }
+    }
+    Ok(())
+}
+
 fn file_digest(what: &'static str, path: &Path) -> Result<[u8; 32], DiscoveryError> {
     let (digest, _) = crate::digest::file_sha256(path).map_err(|source| DiscoveryError::Input {
         what,
@@ -134,6 +175,18 @@ mod tests {
     use super::*;
     use std::fs;
 
+    /// A minimal 64-bit ELF with one program header of type `kind`, then `payload`.
+    pub(crate) fn elf(kind: u32, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = vec![0u8; 64 + 56];
+        bytes[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        bytes[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+        bytes[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        bytes[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+        bytes[64..68].copy_from_slice(&kind.to_le_bytes());
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
     fn fixture() -> (tempfile::TempDir, DiscoverySources) {
         let dir = tempfile::tempdir().unwrap();
         let linux = dir.path().join("linux");
@@ -143,7 +196,7 @@ mod tests {
         fs::create_dir_all(linux.join("boot")).unwrap();
         fs::write(linux.join("boot/vmlinuz-6.1.0-test"), b"kernel").unwrap();
         fs::write(dir.path().join("busybox"), b"busybox").unwrap();
-        fs::write(dir.path().join("agent"), b"agent v1").unwrap();
+        fs::write(dir.path().join("agent"), elf(1, b"agent v1")).unwrap();
         let sources = DiscoverySources {
             linux_root: linux,
             busybox: dir.path().join("busybox"),
@@ -160,7 +213,7 @@ mod tests {
         assert_eq!(plan.modules.len(), 1);
         assert!(plan.missing_modules.contains(&"e1000".to_owned()));
         assert_eq!(DiscoveryPlan::resolve(&sources).unwrap().key, plan.key);
-        fs::write(dir.path().join("agent"), b"agent v2").unwrap();
+        fs::write(dir.path().join("agent"), elf(1, b"agent v2")).unwrap();
         assert_ne!(DiscoveryPlan::resolve(&sources).unwrap().key, plan.key);
     }
 
@@ -173,6 +226,18 @@ mod tests {
         fs::remove_file(sources.linux_root.join("boot/vmlinuz-6.1.0-test")).unwrap();
         let err = DiscoveryPlan::resolve(&sources).unwrap_err();
         assert!(err.to_string().contains("vmlinuz-6.1.0-test"), "{err}");
+    }
+
+    #[test]
+    fn a_dynamically_linked_or_non_elf_agent_is_refused() {
+        let (dir, sources) = fixture();
+        fs::write(dir.path().join("agent"), elf(3, b"/lib64/ld-linux-x86-64.so.2")).unwrap();
+        let err = DiscoveryPlan::resolve(&sources).unwrap_err().to_string();
+        assert!(err.contains("dynamically linked") && err.contains("musl"), "{err}");
+        fs::write(dir.path().join("agent"), b"#!/bin/sh\n").unwrap();
+        let err = DiscoveryPlan::resolve(&sources).unwrap_err().to_string();
+        assert!(err.contains("not a 64-bit"), "{err}");
+        assert!(static_elf(b"\x7fELF\x02\x01").is_err(), "truncated header");
     }
 
     #[test]

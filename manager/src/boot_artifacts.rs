@@ -38,6 +38,12 @@ pub struct DiscoveryArgs {
 }
 
 impl DiscoveryArgs {
+    /// Whether the operator named an input: then missing inputs are an error at start, not
+    /// a warning (a typo must not leave a site silently unable to enroll machines).
+    pub fn asked_for(&self) -> bool {
+        self.discovery_linux.is_some() || self.discovery_agent.is_some()
+    }
+
     /// The inputs, or why there are none (then discovery boots get a 404 and ctpf says so).
     pub fn sources(&self) -> Result<DiscoverySources, String> {
         let linux_root = match &self.discovery_linux {

@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use ctpf_bus::{Bus, BusConfig, MemoryBus, RedisBus};
 use ctpf_common::WorkerIdentity;
 use ctpf_distributors::{
@@ -256,6 +256,7 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         Ok(sources) => boot_artifacts::ensure(&registry, artifacts.as_ref(), sources)
             .await
             .context("preparing the discovery image")?,
+        Err(why) if plane.discovery.asked_for() => bail!("discovery image: {why}"),
         Err(why) => {
             tracing::warn!("discovery image not built, PXE-booted machines cannot enroll: {why}")
         }

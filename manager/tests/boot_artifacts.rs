@@ -11,6 +11,18 @@ use ctpf_manager::boot_artifacts::{ensure, import_boot_files};
 use ctpf_registries::Registry;
 use ctpf_store::{artifacts::FsArtifactStore, state::RedbStateStore};
 
+/// A minimal static ELF (one PT_LOAD program header), which is what the recipe accepts.
+fn static_elf(payload: &[u8]) -> Vec<u8> {
+    let mut bytes = vec![0u8; 64 + 56];
+    bytes[..6].copy_from_slice(b"\x7fELF\x02\x01");
+    bytes[0x20..0x28].copy_from_slice(&64u64.to_le_bytes());
+    bytes[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+    bytes[0x38..0x3a].copy_from_slice(&1u16.to_le_bytes());
+    bytes[64..68].copy_from_slice(&1u32.to_le_bytes());
+    bytes.extend_from_slice(payload);
+    bytes
+}
+
 /// A kernel package as `dpkg -x` leaves it, with one NIC driver, plus busybox and an agent.
 fn inputs(dir: &Path) -> DiscoverySources {
     let linux = dir.join("linux");
@@ -20,7 +32,7 @@ fn inputs(dir: &Path) -> DiscoverySources {
     fs::create_dir_all(linux.join("boot")).unwrap();
     fs::write(linux.join("boot/vmlinuz-6.1.0-test"), b"a kernel").unwrap();
     fs::write(dir.join("busybox"), b"busybox").unwrap();
-    fs::write(dir.join("agent"), b"agent v1").unwrap();
+    fs::write(dir.join("agent"), static_elf(b"agent v1")).unwrap();
     DiscoverySources { linux_root: linux, busybox: dir.join("busybox"), agent: dir.join("agent") }
 }
 
@@ -44,7 +56,7 @@ async fn the_discovery_image_is_rebuilt_only_when_an_input_changes() {
     assert_eq!(again.created_at, initrd.created_at);
 
     // A new agent: a new initrd, same reproducible kernel.
-    fs::write(dir.path().join("agent"), b"agent v2").unwrap();
+    fs::write(dir.path().join("agent"), static_elf(b"agent v2")).unwrap();
     ensure(&registry, &artifacts, sources).await.unwrap();
     let rebuilt = registry.artifact("discovery-x86_64-initrd").await.unwrap();
     assert_ne!(rebuilt.digest, initrd.digest);
