@@ -141,6 +141,23 @@ async fn contract(store: &dyn ArtifactStore) {
     assert!(store.delete(&large_digest).await.unwrap());
     assert_eq!(store.stat(&large_digest).await.unwrap(), None);
     assert_eq!(store.list().await.unwrap().len(), 3);
+
+    // Refs: unset is None, set points, set again moves; refs are not blobs.
+    let key = format!("builds/{}", Sha256Digest::of(b"key").hex());
+    assert_eq!(store.get_ref(&key).await.unwrap(), None);
+    store.set_ref(&key, &empty.digest).await.unwrap();
+    assert_eq!(store.get_ref(&key).await.unwrap(), Some(empty.digest));
+    store.set_ref(&key, &d2).await.unwrap();
+    assert_eq!(store.get_ref(&key).await.unwrap(), Some(d2));
+    assert_eq!(store.list().await.unwrap().len(), 3);
+    // Names that could leave the refs namespace are refused before any I/O.
+    for hostile in ["../escape", "builds/../../x", "/abs", "a//b", "UPPER", "", "builds/.hidden"] {
+        assert!(
+            matches!(store.set_ref(hostile, &d2).await, Err(ArtifactError::InvalidRef(_))),
+            "{hostile:?} accepted"
+        );
+        assert!(matches!(store.get_ref(hostile).await, Err(ArtifactError::InvalidRef(_))));
+    }
 }
 
 #[tokio::test]

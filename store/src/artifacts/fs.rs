@@ -236,4 +236,33 @@ impl ArtifactStore for FsArtifactStore {
         .await
         .map_err(std::io::Error::other)?
     }
+
+    async fn set_ref(&self, name: &str, digest: &Sha256Digest) -> Result<(), ArtifactError> {
+        super::check_ref_name(name)?;
+        let path = self.root.join("refs").join(name);
+        let tmp_dir = self.root.join("tmp");
+        let content = format!("{}\n", digest.hex());
+        // Written aside, fsynced and renamed: a reader sees the old or the new digest.
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir)?;
+            let mut temp = tempfile::NamedTempFile::new_in(tmp_dir)?;
+            std::io::Write::write_all(&mut temp, content.as_bytes())?;
+            temp.as_file().sync_all()?;
+            temp.persist(&path).map_err(|e| e.error)?;
+            sync_dir(dir)
+        })
+        .await
+        .map_err(std::io::Error::other)??;
+        Ok(())
+    }
+
+    async fn get_ref(&self, name: &str) -> Result<Option<Sha256Digest>, ArtifactError> {
+        super::check_ref_name(name)?;
+        match tokio::fs::read_to_string(self.root.join("refs").join(name)).await {
+            Ok(content) => super::parse_ref(name, &content).map(Some),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
 }

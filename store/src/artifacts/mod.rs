@@ -50,6 +50,33 @@ pub enum ArtifactError {
     Io(#[from] std::io::Error),
     #[error("S3 {operation}: {message}")]
     S3 { operation: &'static str, message: String },
+    #[error(
+        "invalid ref name {0:?}: use lowercase letters, digits, '.', '-' and '_' in '/'-separated parts"
+    )]
+    InvalidRef(String),
+    #[error("ref {name} holds {content:?}, not a digest")]
+    CorruptRef { name: String, content: String },
+}
+
+/// Checks a ref name (`builds/<hex>`): '/'-separated parts of `[a-z0-9._-]`, none empty or
+/// starting with '.', so a name can never climb out of the refs directory or prefix.
+pub fn check_ref_name(name: &str) -> Result<(), ArtifactError> {
+    let part_ok = |part: &str| {
+        !part.is_empty()
+            && !part.starts_with('.')
+            && part.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_'))
+    };
+    if name.len() > 200 || !name.split('/').all(part_ok) {
+        return Err(ArtifactError::InvalidRef(name.to_owned()));
+    }
+    Ok(())
+}
+
+fn parse_ref(name: &str, content: &str) -> Result<Sha256Digest, ArtifactError> {
+    content.trim().parse().map_err(|_| ArtifactError::CorruptRef {
+        name: name.to_owned(),
+        content: content.chars().take(80).collect(),
+    })
 }
 
 #[async_trait]
@@ -83,6 +110,13 @@ pub trait ArtifactStore: Send + Sync + Debug {
 
     /// Every stored blob, in digest order.
     async fn list(&self) -> Result<Vec<BlobInfo>, ArtifactError>;
+
+    /// Points the ref `name` at `digest` (replacing what it pointed at). Refs are how a
+    /// cache key finds its stored answer, e.g. `builds/<key>` → the build's manifest.
+    async fn set_ref(&self, name: &str, digest: &Sha256Digest) -> Result<(), ArtifactError>;
+
+    /// What the ref `name` points at, or `None` when it was never set.
+    async fn get_ref(&self, name: &str) -> Result<Option<Sha256Digest>, ArtifactError>;
 }
 
 /// Fails with [`ArtifactError::DigestMismatch`] when an expected digest is given and differs.

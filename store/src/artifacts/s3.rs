@@ -427,4 +427,35 @@ impl ArtifactStore for S3ArtifactStore {
         blobs.sort_by_key(|b| b.digest);
         Ok(blobs)
     }
+
+    async fn set_ref(&self, name: &str, digest: &Sha256Digest) -> Result<(), ArtifactError> {
+        super::check_ref_name(name)?;
+        // One PutObject replaces the object whole: readers see the old or the new digest.
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(format!("refs/{name}"))
+            .body(ByteStream::from(format!("{}\n", digest.hex()).into_bytes()))
+            .send()
+            .await
+            .map_err(s3_error("PutObject"))?;
+        Ok(())
+    }
+
+    async fn get_ref(&self, name: &str) -> Result<Option<Sha256Digest>, ArtifactError> {
+        super::check_ref_name(name)?;
+        let request = self.client.get_object().bucket(&self.bucket).key(format!("refs/{name}"));
+        let out = match request.send().await {
+            Ok(out) => out,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => return Ok(None),
+            Err(e) => return Err(s3_error("GetObject")(e)),
+        };
+        let bytes = out
+            .body
+            .collect()
+            .await
+            .map_err(|e| ArtifactError::S3 { operation: "GetObject", message: e.to_string() })?;
+        let content = String::from_utf8_lossy(&bytes.into_bytes()).into_owned();
+        super::parse_ref(name, &content).map(Some)
+    }
 }
