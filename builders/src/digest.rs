@@ -27,3 +27,21 @@ pub fn file_sha256(path: &Path) -> io::Result<(Sha256Digest, u64)> {
     }
     Ok((Sha256Digest::from_bytes(hasher.finalize().into()), size))
 }
+
+/// Hashes labelled fields, each length-prefixed so that no two different field lists hash
+/// the same bytes. Build keys are made with it.
+#[derive(Debug, Default)]
+pub struct FieldHasher(Sha256);
+
+impl FieldHasher {
+    pub fn field(&mut self, label: &str, value: &[u8]) {
+        self.0.update((label.len() as u64).to_le_bytes());
+        self.0.update(label.as_bytes());
+        self.0.update((value.len() as u64).to_le_bytes());
+        self.0.update(value);
+    }
+
+    pub fn finish(self) -> Sha256Digest {
+        Sha256Digest::from_bytes(self.0.finalize().into())
+    }
+}

@@ -44,10 +44,13 @@ pub enum GrubTarget {
     Arm64Efi,
     /// `core.0`, the PXE image BIOS network boot ROMs load over TFTP (`pxe` driver).
     I386PcPxe,
+    /// `eltorito.img`, the no-emulation El Torito boot image of BIOS-bootable CDs/ISOs.
+    I386PcEltorito,
 }
 
 impl GrubTarget {
-    pub const ALL: [Self; 3] = [Self::X86_64Efi, Self::Arm64Efi, Self::I386PcPxe];
+    pub const ALL: [Self; 4] =
+        [Self::X86_64Efi, Self::Arm64Efi, Self::I386PcPxe, Self::I386PcEltorito];
 
     /// Parses the `grub-mkimage -O` name; an unknown one lists the valid ones.
     pub fn parse(name: &str) -> Result<Self, GrubError> {
@@ -63,6 +66,7 @@ impl GrubTarget {
             Self::X86_64Efi => "x86_64-efi",
             Self::Arm64Efi => "arm64-efi",
             Self::I386PcPxe => "i386-pc-pxe",
+            Self::I386PcEltorito => "i386-pc-eltorito",
         }
     }
 
@@ -71,7 +75,7 @@ impl GrubTarget {
         match self {
             Self::X86_64Efi => ("x86_64-efi", "grub-efi-amd64-bin"),
             Self::Arm64Efi => ("arm64-efi", "grub-efi-arm64-bin"),
-            Self::I386PcPxe => ("i386-pc", "grub-pc-bin"),
+            Self::I386PcPxe | Self::I386PcEltorito => ("i386-pc", "grub-pc-bin"),
         }
     }
 
@@ -81,6 +85,7 @@ impl GrubTarget {
             Self::X86_64Efi => "grubx64.efi",
             Self::Arm64Efi => "grubaa64.efi",
             Self::I386PcPxe => "core.0",
+            Self::I386PcEltorito => "eltorito.img",
         }
     }
 
@@ -89,6 +94,9 @@ impl GrubTarget {
         match self {
             Self::X86_64Efi | Self::Arm64Efi => modules.push("efinet"),
             Self::I386PcPxe => modules.extend(["pxe", "biosdisk", "part_msdos"]),
+            Self::I386PcEltorito => {
+                modules.extend(["biosdisk", "part_msdos", "part_gpt", "iso9660", "fat", "search"])
+            }
         }
         modules
     }
@@ -98,7 +106,7 @@ impl GrubTarget {
         match self {
             Self::X86_64Efi => Some(0x8664),
             Self::Arm64Efi => Some(0xaa64),
-            Self::I386PcPxe => None,
+            Self::I386PcPxe | Self::I386PcEltorito => None,
         }
     }
 }
@@ -138,19 +146,7 @@ impl GrubImageRequest {
 
     /// Checks the config and that the modules are installed, before anything runs.
     pub fn validate(&self) -> Result<PathBuf, GrubError> {
-        let config = &self.config;
-        if config.trim().is_empty() {
-            return Err(GrubError::BadConfig("is empty".into()));
-        }
-        if config.len() > MAX_CONFIG_LEN {
-            return Err(GrubError::BadConfig(format!("longer than {MAX_CONFIG_LEN} bytes")));
-        }
-        if config.starts_with("#!ipxe") {
-            return Err(GrubError::BadConfig("is an iPXE script, not a GRUB config".into()));
-        }
-        if let Some(c) = config.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
-            return Err(GrubError::BadConfig(format!("contains the control character {c:?}")));
-        }
+        check_config(&self.config)?;
         let (platform, package) = self.target.platform();
         let modules = self.grub_lib.join(platform);
         if !modules.join("moddep.lst").is_file() {
@@ -162,6 +158,28 @@ impl GrubImageRequest {
         }
         Ok(modules)
     }
+
+    /// The module list file of the target's platform (its digest is part of build keys).
+    pub fn moddep(&self) -> PathBuf {
+        self.grub_lib.join(self.target.platform().0).join("moddep.lst")
+    }
+}
+
+/// Checks an embedded config without touching the disk.
+pub fn check_config(config: &str) -> Result<(), GrubError> {
+    if config.trim().is_empty() {
+        return Err(GrubError::BadConfig("is empty".into()));
+    }
+    if config.len() > MAX_CONFIG_LEN {
+        return Err(GrubError::BadConfig(format!("longer than {MAX_CONFIG_LEN} bytes")));
+    }
+    if config.starts_with("#!ipxe") {
+        return Err(GrubError::BadConfig("is an iPXE script, not a GRUB config".into()));
+    }
+    if let Some(c) = config.chars().find(|c| c.is_control() && !matches!(c, '\n' | '\t')) {
+        return Err(GrubError::BadConfig(format!("contains the control character {c:?}")));
+    }
+    Ok(())
 }
 
 /// A built image.
@@ -232,8 +250,10 @@ pub fn check_image(target: GrubTarget, bytes: &[u8], config: &str) -> Result<(),
             }
         }
         None => {
-            if bytes.len() < 1024 || bytes.len() > 600 * 1024 {
-                return Err(malformed(format!("{} bytes is no PXE image", bytes.len())));
+            // A PXE ROM loads the NBP below 640 KiB; El Torito images have more room.
+            let limit = if target == GrubTarget::I386PcPxe { 600 } else { 4096 } * 1024;
+            if bytes.len() < 1024 || bytes.len() > limit {
+                return Err(malformed(format!("{} bytes is no BIOS boot image", bytes.len())));
             }
         }
     }
@@ -263,7 +283,7 @@ mod tests {
     fn targets_parse_and_list_the_valid_ones() {
         assert_eq!(GrubTarget::parse("x86_64-efi").unwrap(), GrubTarget::X86_64Efi);
         let err = GrubTarget::parse("mips-arc").unwrap_err().to_string();
-        assert!(err.contains("x86_64-efi, arm64-efi, i386-pc-pxe"), "{err}");
+        assert!(err.contains("x86_64-efi, arm64-efi, i386-pc-pxe, i386-pc-eltorito"), "{err}");
     }
 
     #[test]

@@ -19,8 +19,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use crate::digest::FieldHasher;
 use ctpf_common::Sha256Digest;
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::process::{self, BuildCommand, BuildEnd, LogLine, OutputError, ProcessError};
@@ -271,14 +271,13 @@ fn resolve_src_dir(source: &Path) -> Result<PathBuf, IpxeError> {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ToolVersions(pub BTreeMap<String, String>);
 
-/// Recorded when a tool cannot be run.
-pub const TOOL_NOT_FOUND: &str = "(not found)";
+pub use crate::tools::TOOL_NOT_FOUND;
 
 /// The versions of make, the compiler and linker, and the cross tools `targets` need.
 pub async fn tool_versions(targets: &[IpxeTarget]) -> ToolVersions {
     let mut versions = BTreeMap::new();
     for tool in tools_for(targets) {
-        let version = first_version_line(&tool).await.unwrap_or_else(|| TOOL_NOT_FOUND.to_owned());
+        let version = crate::tools::version_line(&tool).await;
         versions.insert(tool, version);
     }
     ToolVersions(versions)
@@ -292,24 +291,6 @@ fn tools_for(targets: &[IpxeTarget]) -> Vec<String> {
         tools.push(format!("{prefix}ld"));
     }
     tools
-}
-
-async fn first_version_line(tool: &str) -> Option<String> {
-    let mut command = tokio::process::Command::new(tool);
-    command
-        .arg("--version")
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_else(|| process::DEFAULT_PATH.into()))
-        .env("LANG", "C")
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true);
-    let output =
-        tokio::time::timeout(Duration::from_secs(10), command.output()).await.ok()?.ok()?;
-    if !output.status.success() {
-        return None;
-    }
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    Some(stdout.lines().next()?.trim().to_owned())
 }
 
 /// Targets grouped by the `CROSS=` they need; one make run per group.
@@ -364,23 +345,6 @@ pub fn build_key(inputs: &KeyInputs<'_>) -> Sha256Digest {
         key.field(tool, version.as_bytes());
     }
     key.finish()
-}
-
-/// Length-prefixed fields, so no two different input lists hash the same bytes.
-#[derive(Default)]
-struct FieldHasher(Sha256);
-
-impl FieldHasher {
-    fn field(&mut self, label: &str, value: &[u8]) {
-        self.0.update((label.len() as u64).to_le_bytes());
-        self.0.update(label.as_bytes());
-        self.0.update((value.len() as u64).to_le_bytes());
-        self.0.update(value);
-    }
-
-    fn finish(self) -> Sha256Digest {
-        Sha256Digest::from_bytes(self.0.finalize().into())
-    }
 }
 
 /// One entry of a source tree, as digested and copied.
@@ -750,12 +714,12 @@ fn copy_certs(
 /// make, and the cross compiler of each cross target, must be installed.
 fn check_toolchain(targets: &[IpxeTarget]) -> Result<(), IpxeError> {
     let missing = |tool: String, hint| Err(IpxeError::ToolMissing { tool, hint });
-    if find_on_path("make").is_none() {
+    if crate::tools::find_on_path("make").is_none() {
         return missing("make".to_owned(), "install GNU make (Debian: make)");
     }
     for prefix in cross_groups(targets).into_keys().flatten() {
         let compiler = format!("{prefix}gcc");
-        if find_on_path(&compiler).is_none() {
+        if crate::tools::find_on_path(&compiler).is_none() {
             let hint = match prefix {
                 "aarch64-linux-gnu-" => {
                     "bin-arm64-efi/ipxe.efi is cross-compiled: install gcc-aarch64-linux-gnu (Debian)"
@@ -766,13 +730,6 @@ fn check_toolchain(targets: &[IpxeTarget]) -> Result<(), IpxeError> {
         }
     }
     Ok(())
-}
-
-fn find_on_path(program: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| process::DEFAULT_PATH.into());
-    std::env::split_paths(&path).map(|dir| dir.join(program)).find(|candidate| {
-        fs::metadata(candidate).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    })
 }
 
 #[cfg(test)]

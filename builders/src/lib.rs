@@ -10,8 +10,10 @@ pub mod initramfs;
 pub mod ipxe;
 pub mod kmod;
 pub mod process;
+pub mod service;
 pub mod single_flight;
 pub mod syslinux;
+pub mod tools;
 
 pub use cpio::{ArchivePath, CpioArchive, CpioError, FileData, NewcWriter};
 pub use discovery::{DiscoveryError, DiscoveryPlan, DiscoverySources};
@@ -19,3 +21,4 @@ pub use initramfs::{
     BuiltImage, DiscoveryInputs, HostEncoding, InitramfsEntry, InitramfsError, InitramfsSpec,
     build, discovery_spec, parse_source_date_epoch,
 };
+pub use service::{BuildError, BuildLog, Builder, BuilderConfig};

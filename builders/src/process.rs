@@ -228,6 +228,7 @@ pub async fn run_build(
 ) -> Result<BuildOutcome, ProcessError> {
     spec.validate()?;
     let started = Instant::now();
+    crate::tools::count_process();
     let mut child = spawn(&spec)?;
     let pgid = child.id().ok_or(ProcessError::Io {
         what: "the new process has no id",

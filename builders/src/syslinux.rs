@@ -93,6 +93,7 @@ pub fn collect(root: &Path, out: &Path) -> Result<Vec<CollectedFile>, SyslinuxEr
 
 /// The installed version of a Debian package, for the build manifest and key.
 pub fn package_version(package: &str) -> Option<String> {
+    crate::tools::count_process();
     let output =
         Command::new("dpkg-query").args(["-W", "-f", "${Version}", package]).output().ok()?;
     let version = String::from_utf8(output.stdout).ok()?;

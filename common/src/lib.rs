@@ -31,6 +31,7 @@ macro_rules! text_conversions {
 pub(crate) use text_conversions;
 
 mod artifact;
+mod build;
 mod datacenter;
 mod digest;
 mod enroll;
@@ -46,6 +47,7 @@ mod tag;
 mod worker;
 
 pub use artifact::{Artifact, ArtifactKind};
+pub use build::{BuildLogLine, BuildManifest, BuildOutput, BuildRequest, LogStream, NewBuild};
 pub use datacenter::{Datacenter, NewDatacenter};
 pub use digest::Sha256Digest;
 pub use enroll::{Disk, HostReport, Inventory};
