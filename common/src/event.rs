@@ -95,6 +95,14 @@ pub enum EventBody {
     JobSucceeded {
         job_id: Uuid,
         worker: String,
+        /// What a build made (build jobs only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<Box<crate::BuildManifest>>,
+    },
+    /// Log lines of a running build, in batches.
+    BuildLog {
+        job_id: Uuid,
+        lines: Vec<crate::BuildLogLine>,
     },
     JobFailed {
         job_id: Uuid,
@@ -130,6 +138,7 @@ impl EventBody {
             EventBody::JobStarted { .. } => "job_started",
             EventBody::JobSucceeded { .. } => "job_succeeded",
             EventBody::JobFailed { .. } => "job_failed",
+            EventBody::BuildLog { .. } => "build_log",
             EventBody::JobDeadLettered { .. } => "job_dead_lettered",
             EventBody::WorkerStarted { .. } => "worker_started",
         }

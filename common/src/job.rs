@@ -16,12 +16,19 @@ pub enum JobSpec {
         #[serde(default)]
         fail: bool,
     },
+    /// A build on a worker with the `builder` role; `name` as in [`crate::NewBuild`].
+    Build {
+        request: Box<crate::BuildRequest>,
+        #[serde(default)]
+        name: Option<crate::ArtifactName>,
+    },
 }
 
 impl JobSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             JobSpec::Probe { .. } => "probe",
+            JobSpec::Build { .. } => "build",
         }
     }
 }
@@ -66,6 +73,13 @@ pub struct Job {
     pub worker: Option<String>,
     /// Why it failed or was dead-lettered.
     pub error: Option<String>,
+    /// What a succeeded build made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest: Option<crate::BuildManifest>,
+    /// An event sequence number at or before this job's first event: where reading its log
+    /// lines from the event log starts.
+    #[serde(default)]
+    pub first_event_seq: u64,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
@@ -84,6 +98,8 @@ impl Job {
             attempts: 0,
             worker: None,
             error: None,
+            manifest: None,
+            first_event_seq: 0,
             created_at: now,
             updated_at: now,
         }

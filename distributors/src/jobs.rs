@@ -4,9 +4,19 @@
 
 use std::{sync::Arc, time::Duration};
 
+use ctpf_builders::{BuildLog, Builder};
 use ctpf_bus::{Bus, BusError, Delivery};
-use ctpf_common::{EventBody, JobSpec, Name, NewEvent, WorkerIdentity};
+use ctpf_common::{
+    BuildLogLine, BuildManifest, BuildRequest, EventBody, JobSpec, Name, NewEvent, Uuid,
+    WorkerIdentity,
+};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// Log lines go to the manager in batches of at most this many lines...
+const LOG_BATCH_LINES: usize = 200;
+/// ...or whatever arrived within this long.
+const LOG_BATCH_WAIT: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
@@ -15,6 +25,8 @@ pub struct WorkerConfig {
     pub lease: Duration,
     /// How long one `next_job` call waits before checking for shutdown again.
     pub poll: Duration,
+    /// Runs build jobs (workers with the `builder` role).
+    pub builder: Option<Builder>,
 }
 
 /// Why a job failed, and whether another attempt could succeed.
@@ -69,7 +81,7 @@ async fn run_one(config: &WorkerConfig, bus: &dyn Bus, delivery: Delivery) {
     .await;
 
     let outcome = {
-        let work = execute(&delivery.job.spec);
+        let work = execute(config, bus, job_id, datacenter.clone(), &delivery.job.spec);
         tokio::pin!(work);
         let mut renew = tokio::time::interval(config.lease / 3);
         renew.tick().await;
@@ -86,7 +98,11 @@ async fn run_one(config: &WorkerConfig, bus: &dyn Bus, delivery: Delivery) {
     };
 
     let body = match &outcome {
-        Ok(()) => EventBody::JobSucceeded { job_id, worker: worker.id.clone() },
+        Ok(manifest) => EventBody::JobSucceeded {
+            job_id,
+            worker: worker.id.clone(),
+            manifest: manifest.clone().map(Box::new),
+        },
         Err(f) => EventBody::JobFailed {
             job_id,
             worker: worker.id.clone(),
@@ -106,16 +122,85 @@ async fn run_one(config: &WorkerConfig, bus: &dyn Bus, delivery: Delivery) {
     }
 }
 
-async fn execute(spec: &JobSpec) -> Result<(), JobFailure> {
+async fn execute(
+    config: &WorkerConfig,
+    bus: &dyn Bus,
+    job_id: Uuid,
+    datacenter: Option<Name>,
+    spec: &JobSpec,
+) -> Result<Option<BuildManifest>, JobFailure> {
     match spec {
         JobSpec::Probe { sleep_ms, fail } => {
             tokio::time::sleep(Duration::from_millis(*sleep_ms)).await;
             if *fail {
                 return Err(JobFailure { message: "probe asked to fail".into(), retryable: false });
             }
-            Ok(())
+            Ok(None)
+        }
+        JobSpec::Build { request, .. } => {
+            let Some(builder) = &config.builder else {
+                return Err(JobFailure {
+                    message: "this worker has no builder role".into(),
+                    retryable: true,
+                });
+            };
+            run_build(builder, bus, job_id, datacenter, request).await.map(Some)
         }
     }
+}
+
+/// Runs a build, sending its log lines to the manager as they come (in batches), all of
+/// them before the job's final report.
+async fn run_build(
+    builder: &Builder,
+    bus: &dyn Bus,
+    job_id: Uuid,
+    datacenter: Option<Name>,
+    request: &BuildRequest,
+) -> Result<BuildManifest, JobFailure> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let build = builder.build(request, CancellationToken::new(), BuildLog::new(tx));
+    tokio::pin!(build);
+    let mut batch: Vec<BuildLogLine> = Vec::new();
+    let mut flush_at = tokio::time::Instant::now() + LOG_BATCH_WAIT;
+    let result = loop {
+        tokio::select! {
+            result = &mut build => break result,
+            Some(line) = rx.recv() => {
+                if batch.is_empty() {
+                    flush_at = tokio::time::Instant::now() + LOG_BATCH_WAIT;
+                }
+                batch.push(line);
+                if batch.len() >= LOG_BATCH_LINES {
+                    send_log(bus, job_id, &datacenter, &mut batch).await;
+                }
+            }
+            () = tokio::time::sleep_until(flush_at), if !batch.is_empty() => {
+                send_log(bus, job_id, &datacenter, &mut batch).await;
+            }
+        }
+    };
+    while let Ok(line) = rx.try_recv() {
+        batch.push(line);
+        if batch.len() >= LOG_BATCH_LINES {
+            send_log(bus, job_id, &datacenter, &mut batch).await;
+        }
+    }
+    send_log(bus, job_id, &datacenter, &mut batch).await;
+    result.map_err(|e| JobFailure { retryable: e.is_retryable(), message: e.to_string() })
+}
+
+async fn send_log(
+    bus: &dyn Bus,
+    job_id: Uuid,
+    datacenter: &Option<Name>,
+    batch: &mut Vec<BuildLogLine>,
+) {
+    if batch.is_empty() {
+        return;
+    }
+    let lines = std::mem::take(batch);
+    report(bus, &NewEvent::new(datacenter.clone(), EventBody::BuildLog { job_id, lines })).await;
 }
 
 /// Reports are retried until the bus takes them: losing one would leave a job's state wrong.

@@ -1,22 +1,23 @@
 //! Keeping what booting machines download in the artifact store current, so it is served
 //! with HEAD, Range and ETag like any artifact: the iPXE binaries of the boot root (for UEFI
-//! HTTP boot), and the discovery image. For the latter the control plane resolves the inputs
-//! on start, and builds and stores the kernel and initramfs only when their build key differs
-//! from the stored one (issue 4 turns this into a builder job).
+//! HTTP boot), and, as build jobs, the discovery image and the GRUB boot images. A builder
+//! answers an unchanged job from its cache, so a restart costs only hashing the inputs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context as _, Result};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
 use clap::Args;
-use ctpf_builders::{DiscoveryPlan, DiscoverySources};
-use ctpf_common::{Artifact, ArtifactKind, ArtifactName, Sha256Digest, Tag, Tags};
-use ctpf_registries::{Registry, RegistryError};
+use ctpf_builders::DiscoverySources;
+use ctpf_common::{
+    Artifact, ArtifactKind, ArtifactName, BuildRequest, Job, NewBuild, Sha256Digest, TagSelector,
+    Tags, Uuid,
+};
+use ctpf_registries::Registry;
 use ctpf_store::artifacts::ArtifactStore;
 use time::OffsetDateTime;
-
-/// Tag on the stored discovery artifacts naming the inputs they were built from.
-const BUILD_KEY_TAG: &str = "build-key";
 /// The architecture of the discovery image this build makes (the agent's and kernel's).
 const ARCH: &str = "x86_64";
 
@@ -74,61 +75,50 @@ fn has_kernel(root: &Path) -> bool {
     has_vmlinuz && root.join("lib/modules").is_dir()
 }
 
-/// Makes `discovery-x86_64-vmlinuz` and `discovery-x86_64-initrd` match `sources`: a no-op
-/// (hashing the inputs only) when the stored ones carry the same build key.
-pub async fn ensure(
-    registry: &Registry,
-    artifacts: &dyn ArtifactStore,
-    sources: DiscoverySources,
-) -> Result<()> {
-    let resolve = sources.clone();
-    let plan = tokio::task::spawn_blocking(move || DiscoveryPlan::resolve(&resolve))
-        .await?
-        .context("discovery image inputs")?;
-    // 128 bits of the key: a tag value holds at most 63 characters.
-    let key_text = &plan.key.hex()[..32];
-    let key_tag = Tag::parse("build-key", &format!("{BUILD_KEY_TAG}={key_text}"))?;
-    let kernel_name = format!("discovery-{ARCH}-vmlinuz");
-    let initrd_name = format!("discovery-{ARCH}-initrd");
-    if is_current(registry, &kernel_name, &key_tag).await?
-        && is_current(registry, &initrd_name, &key_tag).await?
-    {
-        tracing::info!(key = key_text, "discovery image is current");
-        return Ok(());
+/// The build request for the discovery image from these inputs.
+pub fn discovery_request(sources: &DiscoverySources) -> BuildRequest {
+    BuildRequest::Discovery {
+        linux: absolute(&sources.linux_root),
+        busybox: absolute(&sources.busybox),
+        agent: absolute(&sources.agent),
     }
-    if !plan.missing_modules.is_empty() {
-        tracing::info!(modules = ?plan.missing_modules, "NIC drivers this kernel lacks");
-    }
-    let started = std::time::Instant::now();
-    let epoch =
-        ctpf_builders::parse_source_date_epoch(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())?;
-    let initrd_file = tempfile::NamedTempFile::new().context("temporary file for the initrd")?;
-    let (build_plan, build_sources, out) = (plan.clone(), sources, initrd_file.reopen()?);
-    let built = tokio::task::spawn_blocking(move || {
-        build_plan.build_initrd(&build_sources, epoch, std::io::BufWriter::new(out))
-    })
-    .await?
-    .context("building the discovery initramfs")?;
-
-    let tags: Tags = [key_tag.clone()].into_iter().collect();
-    store(registry, artifacts, &kernel_name, &plan.kernel, ArtifactKind::Kernel, &tags).await?;
-    store(registry, artifacts, &initrd_name, initrd_file.path(), ArtifactKind::Initrd, &tags)
-        .await?;
-    tracing::info!(
-        kernel = plan.kernel_version,
-        modules = plan.modules.len(),
-        initrd_bytes = built.compressed_size,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "discovery image built"
-    );
-    Ok(())
 }
 
-async fn is_current(registry: &Registry, name: &str, key: &Tag) -> Result<bool> {
-    match registry.artifact(name).await {
-        Ok(artifact) => Ok(artifact.tags.iter().any(|tag| &tag == key)),
-        Err(RegistryError::NotFound { .. }) => Ok(false),
-        Err(e) => Err(e.into()),
+fn absolute(path: &Path) -> String {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned()).display().to_string()
+}
+
+/// The artifact name prefix of the discovery image: its outputs become
+/// `discovery-x86_64-vmlinuz` and `discovery-x86_64-initrd`.
+pub fn discovery_name() -> ArtifactName {
+    ArtifactName::parse("name", &format!("discovery-{ARCH}")).expect("a valid constant name")
+}
+
+/// Submits the discovery image build. The builder answers from its cache when the inputs'
+/// key was built before, so an unchanged image costs only the hashing.
+pub async fn submit_discovery(registry: &Registry, sources: &DiscoverySources) -> Result<Job> {
+    let build = NewBuild {
+        request: discovery_request(sources),
+        name: Some(discovery_name()),
+        selector: TagSelector::any(),
+    };
+    Ok(registry.submit_build(build).await?)
+}
+
+/// Waits until job `id` is final (polling the registry), up to `timeout`.
+pub async fn wait_for_job(registry: &Registry, id: Uuid, timeout: Duration) -> Result<Job> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut delay = Duration::from_millis(5);
+    loop {
+        let job = registry.job(id).await?;
+        if job.status.is_final() {
+            return Ok(job);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("job {id} still {:?} after {timeout:?}", job.status);
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -196,52 +186,44 @@ pub async fn import_boot_files(
     Ok(stored)
 }
 
-/// Builds the GRUB boot images (`--pxe-loader grub`) with the entry config for `base_url`
-/// embedded, and stores them as `boot-FILE` like the iPXE files. grub-mkimage takes a
-/// fraction of a second and is reproducible, so they are made on every start; unchanged
-/// bytes land on the same digest. arm64 is built only where its modules are installed.
+/// Builds the GRUB boot images (`--pxe-loader grub`) as build jobs, with the entry config
+/// for `base_url` embedded; they are named `boot-FILE` like the iPXE files. An unchanged
+/// config is a cache hit. arm64 is built only where its modules are installed.
 pub async fn build_grub_images(
     registry: &Registry,
-    artifacts: &dyn ArtifactStore,
     base_url: &ctpf_scripts::BaseUrl,
 ) -> Result<BTreeMap<String, Sha256Digest>> {
-    use ctpf_builders::grub::{GrubError, GrubImageRequest, GrubTarget, build_image};
-    let mut stored = BTreeMap::new();
+    use ctpf_builders::grub::GrubTarget;
+    let mut jobs = Vec::new();
     for (target, arch) in [
         (GrubTarget::X86_64Efi, ctpf_scripts::ScriptArch::X86_64Efi),
         (GrubTarget::I386PcPxe, ctpf_scripts::ScriptArch::X86_64Bios),
         (GrubTarget::Arm64Efi, ctpf_scripts::ScriptArch::Arm64Efi),
     ] {
         let config = ctpf_scripts::render_grub_entry(base_url, arch)?;
-        let request = GrubImageRequest::new(target, config);
-        let dir = tempfile::tempdir().context("a build directory")?;
-        let cancel = tokio_util::sync::CancellationToken::new();
-        let log = |line: ctpf_builders::process::LogLine| {
-            tracing::debug!(target = target.format(), "{}", line.text);
-        };
-        let image = match build_image(&request, dir.path(), cancel, log).await {
-            Ok(image) => image,
-            Err(GrubError::MissingModules { .. }) if target == GrubTarget::Arm64Efi => {
+        let request = BuildRequest::Grub { target: target.format().into(), config: Some(config) };
+        let name = Some(ArtifactName::parse("name", "boot")?);
+        let job =
+            registry.submit_build(NewBuild { request, name, selector: TagSelector::any() }).await?;
+        jobs.push((target, job.id));
+    }
+    let mut stored = BTreeMap::new();
+    for (target, id) in jobs {
+        let job = wait_for_job(registry, id, Duration::from_secs(600)).await?;
+        let Some(manifest) = job.manifest else {
+            let error = job.error.unwrap_or_default();
+            if target == GrubTarget::Arm64Efi && error.contains("grub-efi-arm64-bin") {
                 tracing::info!(
                     "no arm64 GRUB modules (grub-efi-arm64-bin); arm64 PXE clients get no image"
                 );
                 continue;
             }
-            Err(e) => return Err(e.into()),
+            bail!("GRUB {} image: {error}", target.format());
         };
-        let file = target.file_name();
-        let tags = Tags::default();
-        let artifact = store(
-            registry,
-            artifacts,
-            &boot_file_artifact(file),
-            &image.path,
-            ArtifactKind::Bootloader,
-            &tags,
-        )
-        .await?;
-        tracing::info!(file, digest = %artifact.digest, bytes = artifact.size, "GRUB image built");
-        stored.insert(file.to_owned(), artifact.digest);
+        for output in manifest.outputs {
+            tracing::info!(file = output.file, digest = %output.digest, bytes = output.size, cached = manifest.cached, "GRUB image ready");
+            stored.insert(output.file, output.digest);
+        }
     }
     Ok(stored)
 }

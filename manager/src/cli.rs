@@ -62,6 +62,12 @@ pub enum Command {
     /// Jobs run by workers.
     #[command(subcommand, alias = "job")]
     Jobs(JobsCmd),
+    /// Build boot artifacts (GRUB, iPXE, SYSLINUX, the discovery image) and follow the build.
+    #[command(subcommand)]
+    Build(crate::build_cli::BuildCmd),
+    /// Builds: list, show, logs.
+    #[command(subcommand)]
+    Builds(crate::build_cli::BuildsCmd),
     /// The event log.
     Events(EventsArgs),
     /// Enrollment tokens, with which booted machines register themselves.
@@ -187,6 +193,8 @@ pub struct WorkerArgs {
     pub id: Option<String>,
     #[command(flatten)]
     pub engines: EngineArgs,
+    #[command(flatten)]
+    pub data: DataDirArg,
 }
 
 #[derive(Debug, Subcommand)]
@@ -353,11 +361,11 @@ fn listen_addr(listen: Option<SocketAddr>, api: &str) -> Result<SocketAddr> {
     })
 }
 
-fn tag_query(tags: &[String]) -> Result<Vec<(&'static str, String)>> {
+pub(crate) fn tag_query(tags: &[String]) -> Result<Vec<(&'static str, String)>> {
     tags.iter().map(|t| Ok(("tag", t.parse::<Tag>()?.to_string()))).collect()
 }
 
-fn client(cli: &Cli) -> Result<ApiClient> {
+pub(crate) fn client(cli: &Cli) -> Result<ApiClient> {
     let token = match &cli.token {
         Some(t) => Some(t.clone()),
         None => std::fs::read_to_string(default_data_dir().join("admin.token"))
@@ -367,7 +375,7 @@ fn client(cli: &Cli) -> Result<ApiClient> {
     ApiClient::new(&cli.api, token)
 }
 
-fn print<T: serde::Serialize>(
+pub(crate) fn print<T: serde::Serialize>(
     json: bool,
     items: &[T],
     header: &[&str],
@@ -387,11 +395,11 @@ fn print<T: serde::Serialize>(
 }
 
 /// The snake_case name an enum has in JSON (`disk_image`, `dead_lettered`).
-fn label<T: serde::Serialize>(value: &T) -> String {
+pub(crate) fn label<T: serde::Serialize>(value: &T) -> String {
     serde_json::to_value(value).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
-fn or_dash<T: ToString>(v: Option<T>) -> String {
+pub(crate) fn or_dash<T: ToString>(v: Option<T>) -> String {
     v.map(|v| v.to_string()).unwrap_or_else(|| "-".into())
 }
 
@@ -467,7 +475,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone())?;
-            server::run_worker(&redis, &engines, identity, shutdown).await
+            let data_dir = args.data.data_dir.clone().unwrap_or_else(default_data_dir);
+            server::run_worker(&redis, &engines, &data_dir, identity, shutdown).await
         }
         Command::Datacenter(cmd) => datacenter(&cli, cmd).await,
         Command::Hosts(HostsCmd::List { tags, datacenter }) => {
@@ -515,6 +524,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Keys(cmd) => keys(&cli, cmd).await,
         Command::Artifacts(cmd) => artifacts(&cli, cmd).await,
         Command::Jobs(cmd) => jobs(&cli, cmd).await,
+        Command::Build(cmd) => crate::build_cli::build(&cli, cmd).await,
+        Command::Builds(cmd) => crate::build_cli::builds(&cli, cmd).await,
         Command::Events(args) => events(&cli, args).await,
         Command::Tokens(TokensCmd::Create { datacenter, ttl_seconds, uses }) => {
             let body = serde_json::json!({

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod boot_artifacts;
 pub mod boot_flags;
+mod build_cli;
 pub mod cli;
 pub mod client;
 pub mod server;

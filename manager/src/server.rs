@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
+use ctpf_builders::{Builder, BuilderConfig};
 use ctpf_bus::{Bus, BusConfig, MemoryBus, RedisBus};
 use ctpf_common::WorkerIdentity;
 use ctpf_distributors::{
@@ -252,13 +253,52 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
 
     let discovery_cmdline = plane.discovery.discovery_cmdline.clone();
     ctpf_scripts::KernelCmdline::parse("--discovery-cmdline", &discovery_cmdline)?;
-    match plane.discovery.sources() {
-        Ok(sources) => boot_artifacts::ensure(&registry, artifacts.as_ref(), sources)
-            .await
-            .context("preparing the discovery image")?,
+    let discovery_sources = match plane.discovery.sources() {
+        Ok(sources) => Some(sources),
         Err(why) if plane.discovery.asked_for() => bail!("discovery image: {why}"),
         Err(why) => {
-            tracing::warn!("discovery image not built, PXE-booted machines cannot enroll: {why}")
+            tracing::warn!("discovery image not built, PXE-booted machines cannot enroll: {why}");
+            None
+        }
+    };
+
+    // The report loop and the local worker run before anything below submits build jobs.
+    let stop_ingest = CancellationToken::new();
+    let consumer = format!("manager-{}", std::process::id());
+    let ingest = tokio::spawn(ingest_reports(registry.clone(), consumer, stop_ingest.clone()));
+    let has_local_builder =
+        plane.local_worker.as_ref().is_some_and(|w| w.roles.contains(&ctpf_common::Role::Builder));
+    let worker = match plane.local_worker {
+        Some(identity) => {
+            let builder = if identity.roles.contains(&ctpf_common::Role::Builder) {
+                Some(open_builder(&plane.data_dir, artifacts.clone())?)
+            } else {
+                None
+            };
+            let lease = plane.engines.bus.lease;
+            let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1), builder };
+            Some(tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone())))
+        }
+        None => None,
+    };
+
+    if let Some(sources) = &discovery_sources {
+        let job = boot_artifacts::submit_discovery(&registry, sources).await?;
+        if has_local_builder {
+            // `ctpf up` serves nothing before its discovery image is ready.
+            let job =
+                boot_artifacts::wait_for_job(&registry, job.id, Duration::from_secs(1800)).await?;
+            match &job.manifest {
+                Some(m) => {
+                    tracing::info!(key = %m.key, cached = m.cached, duration_ms = m.duration_ms, "discovery image ready")
+                }
+                None => bail!(
+                    "building the discovery image: {}",
+                    job.error.as_deref().unwrap_or("failed")
+                ),
+            }
+        } else {
+            tracing::info!(job = %job.id, "discovery image build submitted to the builders");
         }
     }
     let mut boot_service = plane.boot_service;
@@ -280,10 +320,9 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
                 .await
                 .context("storing the boot files")?;
         if grub {
-            let images =
-                boot_artifacts::build_grub_images(&registry, artifacts.as_ref(), &base_url)
-                    .await
-                    .context("building the GRUB boot images (--pxe-loader grub)")?;
+            let images = boot_artifacts::build_grub_images(&registry, &base_url)
+                .await
+                .context("building the GRUB boot images (--pxe-loader grub)")?;
             files.extend(images);
         }
         boot.tftp_artifacts = Some(TftpArtifacts { store: artifacts.clone(), files });
@@ -305,14 +344,6 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         }
         None => None,
     };
-    let stop_ingest = CancellationToken::new();
-    let consumer = format!("manager-{}", std::process::id());
-    let ingest = tokio::spawn(ingest_reports(registry.clone(), consumer, stop_ingest.clone()));
-    let worker = plane.local_worker.map(|identity| {
-        let lease = plane.engines.bus.lease;
-        let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1) };
-        tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone()))
-    });
     let boot =
         api::boot::BootSettings { base_url, datacenter: plane.boot_datacenter, discovery_cmdline };
     let state = AppState { registry, artifacts, shutdown: shutdown.clone(), boot };
@@ -333,9 +364,19 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
     Ok(())
 }
 
+/// The builder of a process with the `builder` role: builds in `DATA_DIR/builds`, with
+/// `SOURCE_DATE_EPOCH` from the environment (default 0).
+pub fn open_builder(data_dir: &Path, artifacts: Arc<dyn ArtifactStore>) -> Result<Builder> {
+    let mut config = BuilderConfig::new(data_dir.join("builds"));
+    config.source_date_epoch =
+        ctpf_builders::parse_source_date_epoch(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())?;
+    Ok(Builder::new(config, artifacts)?)
+}
+
 pub async fn run_worker(
     redis: &str,
     engines: &Engines,
+    data_dir: &Path,
     identity: WorkerIdentity,
     shutdown: CancellationToken,
 ) -> Result<()> {
@@ -344,8 +385,18 @@ pub async fn run_worker(
             .await
             .with_context(|| format!("connecting to Redis at {redis}"))?,
     );
+    let builder = if identity.roles.contains(&ctpf_common::Role::Builder) {
+        if engines.s3.is_none() {
+            bail!("a worker with the builder role stores its builds in S3: pass --s3 URL");
+        }
+        let artifacts = open_artifacts(data_dir, engines).await?;
+        Some(open_builder(data_dir, artifacts)?)
+    } else {
+        None
+    };
     println!("worker {} ready (datacenter {})", identity.id, identity.datacenter);
-    let config = WorkerConfig { identity, lease: engines.bus.lease, poll: Duration::from_secs(1) };
+    let lease = engines.bus.lease;
+    let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1), builder };
     ctpf_distributors::jobs::run(config, bus, shutdown).await;
     Ok(())
 }

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use ctpf_bus::{Bus, BusError, JobEnvelope};
 use ctpf_common::{
-    Artifact, Datacenter, Event, EventBody, Host, HostPatch, HostState, Job, JobStatus, Name,
-    NewDatacenter, NewEvent, NewHost, NewJob, NewSshKey, OffsetDateTime, ParseError, SshKey, Tag,
-    Tags, Uuid,
+    Artifact, BuildLogLine, BuildManifest, Datacenter, Event, EventBody, Host, HostPatch,
+    HostState, Job, JobSpec, JobStatus, Name, NewBuild, NewDatacenter, NewEvent, NewHost, NewJob,
+    NewSshKey, OffsetDateTime, ParseError, SshKey, Tag, TagSelector, Tags, Uuid,
 };
 use ctpf_store::state::{Commit, Precondition, Record, StateError, StateStore, Table, Write};
 use serde::{Serialize, de::DeserializeOwned};
@@ -479,7 +479,9 @@ impl Registry {
     /// Records a job, then puts it on the bus. If the bus is down the job stays recorded as
     /// queued and is re-sent by [`Registry::requeue_unfinished_jobs`].
     pub async fn submit_job(&self, new: NewJob) -> Result<Job, RegistryError> {
-        let job = Job::new(Uuid::now_v7(), new, now());
+        let mut job = Job::new(Uuid::now_v7(), new, now());
+        // Every event of this job comes after this one: where reading its log starts.
+        job.first_event_seq = self.state.last_event_seq().await?;
         let datacenter = selector_datacenter(&job);
         let event = NewEvent::new(
             datacenter,
@@ -488,6 +490,55 @@ impl Registry {
         self.create(Table::Jobs, "job", &job.id.to_string(), &job, event).await?;
         self.bus.enqueue_job(&envelope(&job)).await?;
         Ok(job)
+    }
+
+    /// Submits a build job for a worker with the `builder` role (and the extra tags asked).
+    pub async fn submit_build(&self, new: NewBuild) -> Result<Job, RegistryError> {
+        if new.selector.tags().iter().any(|t| t.key() == "role") {
+            return Err(RegistryError::Refused(
+                "a build selector cannot name a role: builds go to role=builder".into(),
+            ));
+        }
+        let role = Tag::new("role", "builder")?;
+        let selector = TagSelector::new(new.selector.tags().iter().cloned().chain([role]))?;
+        let spec = JobSpec::Build { request: Box::new(new.request), name: new.name };
+        self.submit_job(NewJob { spec, selector }).await
+    }
+
+    /// Log lines of build `id` after line `after`, at most `limit`, scanning the event log
+    /// from the job's first event; also the job as it is now.
+    pub async fn build_log(
+        &self,
+        id: Uuid,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<BuildLogLine>, Job), RegistryError> {
+        // The job first: a job that is final here has all its log events already stored
+        // (they are reported before its final report), so a reader that sees the end stops.
+        let job = self.job(id).await?;
+        let mut lines = Vec::new();
+        let mut cursor = job.first_event_seq;
+        'scan: loop {
+            let events = self.state.events_after(cursor, 1000).await?;
+            let Some(last) = events.last() else { break };
+            cursor = last.seq;
+            for event in events {
+                let EventBody::BuildLog { job_id, lines: batch } = event.body else { continue };
+                if job_id != id {
+                    continue;
+                }
+                for line in batch.into_iter().filter(|l| l.seq > after) {
+                    lines.push(line);
+                    if lines.len() >= limit {
+                        break 'scan;
+                    }
+                }
+            }
+        }
+        // Redelivered builds report their lines again; keep one of each number.
+        lines.sort_by_key(|l| l.seq);
+        lines.dedup_by_key(|l| l.seq);
+        Ok((lines, job))
     }
 
     pub async fn job(&self, id: Uuid) -> Result<Job, RegistryError> {
@@ -528,7 +579,7 @@ impl Registry {
             EventBody::JobStarted { job_id, worker, attempt } => {
                 (*job_id, JobStatus::Running, Some(worker.clone()), None, Some(*attempt))
             }
-            EventBody::JobSucceeded { job_id, worker } => {
+            EventBody::JobSucceeded { job_id, worker, .. } => {
                 (*job_id, JobStatus::Succeeded, Some(worker.clone()), None, None)
             }
             EventBody::JobFailed { job_id, worker, error, will_retry } => {
@@ -563,7 +614,14 @@ impl Registry {
                 job.error = error.clone();
             }
             job.updated_at = now();
-            let commit = Commit::new()
+            let mut commit = Commit::new();
+            if let EventBody::JobSucceeded { manifest: Some(manifest), .. } = &report.body {
+                job.manifest = Some((**manifest).clone());
+                if let JobSpec::Build { name: Some(name), .. } = &job.spec {
+                    commit = self.name_outputs(commit, name, manifest).await?;
+                }
+            }
+            let commit = commit
                 .write(Write::put(Table::Jobs, &key, encode(&job)?, Precondition::Version(version)))
                 .event(report.clone());
             match self.state.commit(commit).await {
@@ -572,6 +630,50 @@ impl Registry {
                 Err(e) => return Err(e.into()),
             }
         }
+    }
+
+    /// Adds artifact records `NAME-FILE` for each output of a named build to `commit`; names
+    /// that already point at the same content are left alone (a cache hit changes nothing).
+    async fn name_outputs(
+        &self,
+        mut commit: Commit,
+        name: &ctpf_common::ArtifactName,
+        manifest: &BuildManifest,
+    ) -> Result<Commit, RegistryError> {
+        let key_tag = Tag::new("build-key", &manifest.key.hex()[..32])?;
+        for output in &manifest.outputs {
+            let file_name = format!("{name}-{}", output.file);
+            if let Some((current, _)) = self.get::<Artifact>(Table::Artifacts, &file_name).await?
+                && current.digest == output.digest
+            {
+                continue;
+            }
+            let artifact = Artifact {
+                name: ctpf_common::ArtifactName::parse("name", &file_name)?,
+                digest: output.digest,
+                kind: output.kind,
+                size: output.size,
+                tags: [key_tag.clone()].into_iter().collect(),
+                created_at: now(),
+            };
+            let event = NewEvent::new(
+                None,
+                EventBody::ArtifactStored {
+                    name: artifact.name.clone(),
+                    digest: artifact.digest,
+                    size: artifact.size,
+                },
+            );
+            commit = commit
+                .write(Write::put(
+                    Table::Artifacts,
+                    artifact.name.as_str(),
+                    encode(&artifact)?,
+                    Precondition::Any,
+                ))
+                .event(event);
+        }
+        Ok(commit)
     }
 
     // ---- events ----

@@ -32,7 +32,7 @@ async fn final_states_do_not_move_and_duplicates_are_harmless() {
     let started = EventBody::JobStarted { job_id: id, worker: "w1".into(), attempt: 1 };
     reg.apply_report(report(started.clone())).await.unwrap();
     assert_eq!(reg.job(id).await.unwrap().status, JobStatus::Running);
-    let done = EventBody::JobSucceeded { job_id: id, worker: "w1".into() };
+    let done = EventBody::JobSucceeded { job_id: id, worker: "w1".into(), manifest: None };
     reg.apply_report(report(done.clone())).await.unwrap();
     // A duplicate and a late "started" change nothing.
     assert!(reg.apply_report(report(done)).await.unwrap().is_none());
@@ -56,7 +56,11 @@ async fn final_states_do_not_move_and_duplicates_are_harmless() {
     assert_eq!((job.status, job.error.as_deref()), (JobStatus::Queued, Some("disk full")));
 
     // A report about a job nobody knows is dropped, not an error.
-    let ghost = EventBody::JobSucceeded { job_id: ctpf_common::Uuid::now_v7(), worker: "w".into() };
+    let ghost = EventBody::JobSucceeded {
+        job_id: ctpf_common::Uuid::now_v7(),
+        worker: "w".into(),
+        manifest: None,
+    };
     assert!(reg.apply_report(report(ghost)).await.unwrap().is_none());
 }
 

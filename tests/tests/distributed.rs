@@ -7,12 +7,14 @@
 
 use std::time::{Duration, Instant};
 
-use ctpf_e2e::{CtpfProcess, RedisServer};
+use ctpf_e2e::{CtpfProcess, RedisServer, S3Server};
 use serde_json::{Value, json};
 
 struct Site {
     dir: tempfile::TempDir,
     redis: RedisServer,
+    /// Where builder workers store what they build.
+    s3: S3Server,
     manager: CtpfProcess,
     token: String,
     http: reqwest::Client,
@@ -22,9 +24,17 @@ impl Site {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let redis = RedisServer::start().unwrap();
+        let s3 = S3Server::start().unwrap();
         let manager = Self::start_manager(&dir, &redis, "manager.log");
         let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
-        Self { dir, redis, manager, token: token.trim().to_owned(), http: reqwest::Client::new() }
+        Self {
+            dir,
+            redis,
+            s3,
+            manager,
+            token: token.trim().to_owned(),
+            http: reqwest::Client::new(),
+        }
     }
 
     fn start_manager(dir: &tempfile::TempDir, redis: &RedisServer, log: &str) -> CtpfProcess {
@@ -35,14 +45,20 @@ impl Site {
     }
 
     fn worker(&self, id: &str, datacenter: &str, tags: &[&str]) -> CtpfProcess {
-        let url = self.redis.url();
+        let (url, s3) = (self.redis.url(), self.s3.endpoint());
+        let data = self.dir.path().join(format!("{id}-data"));
         let mut args = vec!["worker", "--redis", &url, "--datacenter", datacenter];
-        args.extend(["--id", id, "--role", "builder", "--job-lease", "2"]);
+        args.extend(["--id", id, "--role", "builder", "--job-lease", "2", "--s3", &s3]);
+        args.extend(["--data-dir", data.to_str().unwrap()]);
         for t in tags {
             args.extend(["--tag", t]);
         }
         let log = self.dir.path().join(format!("{id}.log"));
-        CtpfProcess::start(&args, &[], log, "ready").unwrap()
+        let credentials = [
+            ("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_KEY),
+        ];
+        CtpfProcess::start(&args, &credentials, log, "ready").unwrap()
     }
 
     async fn submit(&self, selector: &str, sleep_ms: u64) -> String {

@@ -134,7 +134,8 @@ impl From<ArtifactError> for ApiError {
             },
             ArtifactError::Upload(_) => Self::invalid("body", e.to_string()),
             ArtifactError::S3 { .. } => Self::unavailable(&e),
-            ArtifactError::Io(_) => Self::internal(&e),
+            ArtifactError::InvalidRef(_) => Self::invalid("ref", e.to_string()),
+            ArtifactError::Io(_) | ArtifactError::CorruptRef { .. } => Self::internal(&e),
         }
     }
 }

@@ -29,6 +29,7 @@ use utoipa::{
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 pub mod boot;
+mod builds;
 mod download;
 mod error;
 mod extract;
@@ -81,6 +82,9 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(download_blob))
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
+        .routes(routes!(builds::list_builds, builds::submit_build))
+        .routes(routes!(builds::get_build))
+        .routes(routes!(builds::build_logs))
         .routes(routes!(list_events))
         .routes(routes!(issue_enrollment_token))
         .routes(routes!(enroll))

@@ -1,0 +1,292 @@
+//! `ctpf build ...` (submit a build and follow it) and `ctpf builds list|show|logs`.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Subcommand};
+use ctpf_common::{
+    ArtifactName, BuildRequest, Job, JobSpec, JobStatus, LogStream, NewBuild, TagSelector,
+};
+
+use crate::cli::{Cli, client, label, or_dash, print, tag_query};
+use crate::client::ApiClient;
+
+#[derive(Debug, Subcommand)]
+pub enum BuildCmd {
+    /// A standalone GRUB image with an embedded config (default: this ctpf's entry config,
+    /// which fetches each machine's config over HTTP).
+    Grub {
+        /// x86_64-efi, arm64-efi, i386-pc-pxe (PXE core.0) or i386-pc-eltorito.
+        #[arg(long)]
+        target: String,
+        /// A GRUB config file to embed instead.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        common: BuildArgs,
+    },
+    /// iPXE from a source tree, with an embedded script and build options.
+    Ipxe {
+        /// The iPXE tree (or its src directory) on the builder.
+        #[arg(long, env = "CTPF_IPXE_SRC")]
+        source: PathBuf,
+        /// bin/undionly.kpxe, bin/ipxe.lkrn, bin-x86_64-efi/ipxe.efi, bin-arm64-efi/ipxe.efi
+        /// (repeatable).
+        #[arg(long = "target", required = true)]
+        targets: Vec<String>,
+        /// An iPXE script (starting with #!ipxe) to embed.
+        #[arg(long)]
+        embed: Option<PathBuf>,
+        /// A CA certificate for HTTPS (TRUST=), repeatable.
+        #[arg(long)]
+        trust: Vec<PathBuf>,
+        /// A client certificate (CERT=), repeatable.
+        #[arg(long)]
+        cert: Vec<PathBuf>,
+        /// A build option: NAME (#define), NAME=1 or NAME=0 (#undef), repeatable.
+        #[arg(long = "option")]
+        options: Vec<String>,
+        /// Build with NO_WERROR=1 (older trees with newer compilers).
+        #[arg(long)]
+        no_werror: bool,
+        #[command(flatten)]
+        common: BuildArgs,
+    },
+    /// isolinux.bin, isohdpfx.bin, ldlinux.c32 and pxelinux.0 from Debian's packages.
+    Syslinux {
+        #[command(flatten)]
+        common: BuildArgs,
+    },
+    /// The discovery image (kernel and initramfs with NIC drivers, busybox and the agent).
+    Discovery {
+        /// An unpacked Debian linux-image package (dpkg -x), or /.
+        #[arg(long)]
+        linux: PathBuf,
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// The static ctpf-agent.
+        #[arg(long)]
+        agent: PathBuf,
+        #[command(flatten)]
+        common: BuildArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// Also record the outputs as artifacts NAME-FILE.
+    #[arg(long)]
+    name: Option<String>,
+    /// Tags the builder must carry (k=v,k=v).
+    #[arg(long, default_value = "")]
+    selector: String,
+    /// Print the build id and return instead of following the build.
+    #[arg(long)]
+    detach: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BuildsCmd {
+    /// List builds, newest first.
+    List {
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// A build with its manifest (recipe, inputs, tools, outputs).
+    Show { id: String },
+    /// A build's log; --follow keeps printing until the build ends.
+    Logs {
+        id: String,
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+/// Files named on the command line are read here, paths for the builder made absolute.
+fn request(cmd: &BuildCmd) -> Result<(BuildRequest, &BuildArgs)> {
+    let read = |path: &PathBuf| {
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let absolute = |path: &PathBuf| -> Result<String> {
+        Ok(std::path::absolute(path)
+            .with_context(|| format!("resolving {}", path.display()))?
+            .display()
+            .to_string())
+    };
+    Ok(match cmd {
+        BuildCmd::Grub { target, config, common } => {
+            let config = config.as_ref().map(read).transpose()?;
+            (BuildRequest::Grub { target: target.clone(), config }, common)
+        }
+        BuildCmd::Ipxe { source, targets, embed, trust, cert, options, no_werror, common } => {
+            let mut parsed = BTreeMap::new();
+            for option in options {
+                let (name, on) = match option.split_once('=') {
+                    None => (option.as_str(), true),
+                    Some((name, "1")) => (name, true),
+                    Some((name, "0")) => (name, false),
+                    Some(_) => bail!("--option {option:?}: use NAME, NAME=1 or NAME=0"),
+                };
+                parsed.insert(name.to_owned(), on);
+            }
+            let request = BuildRequest::Ipxe {
+                source: absolute(source)?,
+                targets: targets.clone(),
+                embed: embed.as_ref().map(read).transpose()?,
+                trust: trust.iter().map(absolute).collect::<Result<_>>()?,
+                certs: cert.iter().map(absolute).collect::<Result<_>>()?,
+                options: parsed,
+                no_werror: *no_werror,
+            };
+            (request, common)
+        }
+        BuildCmd::Syslinux { common } => (BuildRequest::Syslinux {}, common),
+        BuildCmd::Discovery { linux, busybox, agent, common } => {
+            let request = BuildRequest::Discovery {
+                linux: absolute(linux)?,
+                busybox: absolute(busybox)?,
+                agent: absolute(agent)?,
+            };
+            (request, common)
+        }
+    })
+}
+
+pub async fn build(cli: &Cli, cmd: &BuildCmd) -> Result<()> {
+    let (request, common) = request(cmd)?;
+    let new = NewBuild {
+        request,
+        name: common.name.as_deref().map(|n| ArtifactName::parse("--name", n)).transpose()?,
+        selector: common.selector.parse::<TagSelector>()?,
+    };
+    let api = client(cli)?;
+    let job: Job = api.post("/v1/builds", &new).await?;
+    if common.detach {
+        if cli.json {
+            println!("{}", serde_json::to_string_pretty(&job)?);
+        } else {
+            println!("build {} queued", job.id);
+        }
+        return Ok(());
+    }
+    if !cli.json {
+        eprintln!("build {} queued", job.id);
+    }
+    follow_log(&api, &job.id.to_string(), !cli.json).await?;
+    let job: Job = api.get(&format!("/v1/builds/{}", job.id), &[]).await?;
+    show(cli, &job)?;
+    if job.status != JobStatus::Succeeded {
+        bail!("build {} {}", job.id, label(&job.status));
+    }
+    Ok(())
+}
+
+/// Prints log lines until the build is over; returns the number of lines printed.
+async fn follow_log(api: &ApiClient, id: &str, print_lines: bool) -> Result<u64> {
+    let mut after = 0u64;
+    let mut printed = 0;
+    loop {
+        let query = [("after", after.to_string()), ("wait", "30".to_owned())];
+        let page: serde_json::Value = api.get(&format!("/v1/builds/{id}/logs"), &query).await?;
+        let lines: Vec<ctpf_common::BuildLogLine> =
+            serde_json::from_value(page["lines"].clone()).context("reading the log page")?;
+        for line in &lines {
+            if print_lines {
+                print_line(line);
+            }
+            printed += 1;
+        }
+        after = page["next"].as_u64().unwrap_or(after);
+        if page["finished"].as_bool() == Some(true) {
+            return Ok(printed);
+        }
+    }
+}
+
+fn print_line(line: &ctpf_common::BuildLogLine) {
+    match line.stream {
+        LogStream::Stdout => println!("{}", line.text),
+        LogStream::Stderr => println!("[stderr] {}", line.text),
+        LogStream::Builder => println!("[ctpf] {}", line.text),
+    }
+}
+
+fn show(cli: &Cli, job: &Job) -> Result<()> {
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(job)?);
+        return Ok(());
+    }
+    let recipe = match &job.spec {
+        JobSpec::Build { request, .. } => request.recipe(),
+        other => other.kind(),
+    };
+    println!("build {} ({recipe}): {}", job.id, label(&job.status));
+    if let Some(error) = &job.error {
+        println!("error: {error}");
+    }
+    if let Some(manifest) = &job.manifest {
+        let how = if manifest.cached { "cache hit" } else { "built" };
+        println!("key {} ({how}, build took {} ms)", manifest.key, manifest.duration_ms);
+        for (tool, version) in &manifest.tools {
+            println!("tool {tool}: {version}");
+        }
+        print(false, &manifest.outputs, &["FILE", "KIND", "SIZE", "DIGEST"], |o| {
+            vec![o.file.clone(), label(&o.kind), o.size.to_string(), o.digest.to_string()]
+        })?;
+    }
+    Ok(())
+}
+
+pub async fn builds(cli: &Cli, cmd: &BuildsCmd) -> Result<()> {
+    let api = client(cli)?;
+    match cmd {
+        BuildsCmd::List { tags } => {
+            let list: Vec<Job> = api.get("/v1/builds", &tag_query(tags)?).await?;
+            print(
+                cli.json,
+                &list,
+                &["ID", "RECIPE", "STATUS", "CACHED", "WORKER", "CREATED", "ERROR"],
+                |j| {
+                    let recipe = match &j.spec {
+                        JobSpec::Build { request, .. } => request.recipe(),
+                        other => other.kind(),
+                    };
+                    vec![
+                        j.id.to_string(),
+                        recipe.to_owned(),
+                        label(&j.status),
+                        j.manifest.as_ref().map_or("-".into(), |m| m.cached.to_string()),
+                        or_dash(j.worker.as_ref()),
+                        j.created_at.to_string(),
+                        or_dash(j.error.as_ref().map(|e| e.lines().next().unwrap_or(""))),
+                    ]
+                },
+            )
+        }
+        BuildsCmd::Show { id } => {
+            let job: Job = api.get(&format!("/v1/builds/{id}"), &[]).await?;
+            show(cli, &job)
+        }
+        BuildsCmd::Logs { id, follow } => {
+            if *follow {
+                follow_log(&api, id, true).await?;
+                return Ok(());
+            }
+            let mut after = 0u64;
+            loop {
+                let query = [("after", after.to_string()), ("limit", "10000".to_owned())];
+                let page: serde_json::Value =
+                    api.get(&format!("/v1/builds/{id}/logs"), &query).await?;
+                let lines: Vec<ctpf_common::BuildLogLine> =
+                    serde_json::from_value(page["lines"].clone())?;
+                for line in &lines {
+                    print_line(line);
+                }
+                after = page["next"].as_u64().unwrap_or(after);
+                if lines.len() < 10_000 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! Builds through `ctpf up` as a user runs them: `ctpf build` submits a job to the in-process
+//! builder and streams its log, `ctpf builds list|show|logs` read them back, a second
+//! identical request is answered from the cache, bad input is refused before anything runs.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::path::{Path, PathBuf};
+
+use ctpf_e2e::{CtpfProcess, ctpf_cli};
+use serde_json::Value;
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../builders/tests/fixtures/ipxe-like")
+}
+
+struct Up {
+    _dir: tempfile::TempDir,
+    data: PathBuf,
+    process: CtpfProcess,
+}
+
+fn start_up() -> Up {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let process = CtpfProcess::start(
+        &["up", "--data-dir", data.to_str().unwrap(), "--api", "http://127.0.0.1:0"],
+        &[("SOURCE_DATE_EPOCH", "1700000000")],
+        dir.path().join("up.log"),
+        "listening on",
+    )
+    .unwrap();
+    Up { _dir: dir, data, process }
+}
+
+impl Up {
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        let token = std::fs::read_to_string(self.data.join("admin.token")).unwrap();
+        ctpf_cli(args, &[("CTPF_API", self.process.api()), ("CTPF_TOKEN", token.trim())]).unwrap()
+    }
+
+    /// stdout of a command that must succeed.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "ctpf {args:?} failed: {}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.process.log_text()
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// stdout and stderr of a command that must fail.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "ctpf {args:?} succeeded");
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+}
+
+#[test]
+fn ipxe_builds_stream_their_log_and_a_repeat_is_a_cache_hit() {
+    let up = start_up();
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("chain.ipxe");
+    std::fs::write(&script, "#!ipxe\ndhcp\nchain http://192.0.2.1/boot.ipxe\n").unwrap();
+    let source = fixture();
+    let args = [
+        "build",
+        "ipxe",
+        "--source",
+        source.to_str().unwrap(),
+        "--target",
+        "bin/undionly.kpxe",
+        "--target",
+        "bin-x86_64-efi/ipxe.efi",
+        "--embed",
+        script.to_str().unwrap(),
+        "--option",
+        "DOWNLOAD_PROTO_HTTPS",
+        "--name",
+        "lab-ipxe",
+    ];
+    let first = up.ok(&args);
+    // make's own output came through the bus, then the summary with the outputs.
+    assert!(first.contains("[BUILD] bin/undionly.kpxe"), "{first}");
+    assert!(first.contains("succeeded") && first.contains("undionly.kpxe"), "{first}");
+    assert!(first.contains("(built,"), "{first}");
+
+    let second = up.ok(&args);
+    assert!(second.contains("cache hit"), "{second}");
+    assert!(!second.contains("[BUILD]"), "a cache hit runs no make:\n{second}");
+
+    let list: Value = serde_json::from_str(&up.ok(&["builds", "list", "--json"])).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), 2, "{list:?}");
+    // Newest first: the cache hit, with the same outputs as the build.
+    assert_eq!(list[0]["manifest"]["cached"], true);
+    assert_eq!(list[1]["manifest"]["cached"], false);
+    assert_eq!(list[0]["manifest"]["outputs"], list[1]["manifest"]["outputs"]);
+    assert_eq!(list[1]["manifest"]["recipe"], "ipxe");
+    assert!(list[1]["manifest"]["tools"]["make"].as_str().unwrap().contains("Make"));
+
+    // The log of the first build, read back after the fact.
+    let id = list[1]["id"].as_str().unwrap();
+    let log = up.ok(&["builds", "logs", id]);
+    assert!(log.contains("[BUILD] bin-x86_64-efi/ipxe.efi"), "{log}");
+    let shown = up.ok(&["builds", "show", id]);
+    assert!(shown.contains("ipxe.efi") && shown.contains("tool make"), "{shown}");
+
+    // Named outputs are artifacts; the download has the script embedded.
+    let out = dir.path().join("undionly.kpxe");
+    up.ok(&["artifacts", "pull", "lab-ipxe-undionly.kpxe", "-o", out.to_str().unwrap()]);
+    let bytes = std::fs::read_to_string(&out).unwrap();
+    assert!(bytes.contains("chain http://192.0.2.1/boot.ipxe"), "{bytes}");
+}
+
+#[test]
+fn bad_builds_are_refused_or_fail_with_their_log_tail() {
+    let up = start_up();
+    // Refused by the API before a job exists, listing what is valid.
+    let refused = up.fails(&["build", "grub", "--target", "sparc64-ieee1275"]);
+    assert!(refused.contains("x86_64-efi") && refused.contains("status 400"), "{refused}");
+    let dir = tempfile::tempdir().unwrap();
+    let not_ipxe = dir.path().join("menu.txt");
+    std::fs::write(&not_ipxe, "menu\n").unwrap();
+    let source = fixture();
+    let source = source.to_str().unwrap();
+    let refused = up.fails(&[
+        "build",
+        "ipxe",
+        "--source",
+        source,
+        "--target",
+        "bin/undionly.kpxe",
+        "--embed",
+        not_ipxe.to_str().unwrap(),
+    ]);
+    assert!(refused.contains("#!ipxe"), "{refused}");
+    // A source that is not there is found out by the builder: a failed build, not a retry.
+    let missing =
+        up.fails(&["build", "ipxe", "--source", "/nonexistent", "--target", "bin/ipxe.lkrn"]);
+    assert!(missing.contains("no iPXE source tree at /nonexistent"), "{missing}");
+    // make fails: the error carries the log tail.
+    let failed = up.fails(&[
+        "build",
+        "ipxe",
+        "--source",
+        source,
+        "--target",
+        "bin/ipxe.lkrn",
+        "--option",
+        "FIXTURE_WARNING",
+    ]);
+    assert!(failed.contains("all warnings being treated as errors"), "{failed}");
+    let list: Value = serde_json::from_str(&up.ok(&["builds", "list", "--json"])).unwrap();
+    let statuses: Vec<&str> =
+        list.as_array().unwrap().iter().map(|b| b["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["failed", "failed"], "{list}");
+}
+
+#[test]
+fn grub_gets_the_managers_entry_config_by_default() {
+    let up = start_up();
+    let out = up.ok(&["build", "grub", "--target", "x86_64-efi", "--name", "lab"]);
+    assert!(out.contains("grubx64.efi") && out.contains("succeeded"), "{out}");
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("grubx64.efi");
+    up.ok(&["artifacts", "pull", "lab-grubx64.efi", "-o", image.to_str().unwrap()]);
+    let bytes = std::fs::read(&image).unwrap();
+    assert_eq!(&bytes[..2], b"MZ");
+    // The embedded entry config points at this manager's boot route.
+    let api = up.process.api().trim_start_matches("http://").to_owned();
+    let text = String::from_utf8_lossy(&bytes);
+    assert!(text.contains(&format!("(http,{api})/boot/grub")), "entry config for {api} missing");
+}
