@@ -27,6 +27,17 @@ pub struct WorkerConfig {
     pub poll: Duration,
     /// Runs build jobs (workers with the `builder` role).
     pub builder: Option<Builder>,
+    /// Jobs run at the same time (at least 1). A job is only taken from the bus when there
+    /// is room for it, so a busy worker leaves jobs to its peers.
+    pub concurrency: usize,
+}
+
+impl WorkerConfig {
+    /// One job at a time per CPU.
+    pub fn new(identity: WorkerIdentity, lease: Duration, builder: Option<Builder>) -> Self {
+        let concurrency = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Self { identity, lease, poll: Duration::from_secs(1), builder, concurrency }
+    }
 }
 
 /// Why a job failed, and whether another attempt could succeed.
@@ -36,10 +47,13 @@ struct JobFailure {
     retryable: bool,
 }
 
-/// Runs jobs until `shutdown` is cancelled. A job already running when shutdown comes is
-/// finished first (its lease is kept alive meanwhile).
+/// Runs jobs until `shutdown` is cancelled. Jobs already running when shutdown comes are
+/// finished first (their leases are kept alive meanwhile).
 pub async fn run(config: WorkerConfig, bus: Arc<dyn Bus>, shutdown: CancellationToken) {
+    let config = Arc::new(config);
     let worker = &config.identity;
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.concurrency.max(1)));
+    let mut running = tokio::task::JoinSet::new();
     tracing::info!(worker = %worker.id, datacenter = %worker.datacenter, tags = %worker.tags, "worker taking jobs");
     let started = NewEvent::new(
         Some(worker.datacenter.clone()),
@@ -47,12 +61,24 @@ pub async fn run(config: WorkerConfig, bus: Arc<dyn Bus>, shutdown: Cancellation
     );
     report(&*bus, &started).await;
     while !shutdown.is_cancelled() {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = shutdown.cancelled() => break,
+        };
+        // Reap finished jobs so the set does not grow.
+        while running.try_join_next().is_some() {}
         let delivery = tokio::select! {
             next = bus.next_job(worker, config.poll) => next,
             () = shutdown.cancelled() => break,
         };
         match delivery {
-            Ok(Some(delivery)) => run_one(&config, &*bus, delivery).await,
+            Ok(Some(delivery)) => {
+                let (config, bus) = (config.clone(), bus.clone());
+                running.spawn(async move {
+                    run_one(&config, &*bus, delivery).await;
+                    drop(slot);
+                });
+            }
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach the bus; retrying in 1 s");
@@ -63,6 +89,7 @@ pub async fn run(config: WorkerConfig, bus: Arc<dyn Bus>, shutdown: Cancellation
             }
         }
     }
+    while running.join_next().await.is_some() {}
     tracing::info!(worker = %worker.id, "worker stopped");
 }
 

@@ -276,7 +276,7 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
                 None
             };
             let lease = plane.engines.bus.lease;
-            let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1), builder };
+            let config = WorkerConfig::new(identity, lease, builder);
             Some(tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone())))
         }
         None => None,
@@ -396,7 +396,7 @@ pub async fn run_worker(
     };
     println!("worker {} ready (datacenter {})", identity.id, identity.datacenter);
     let lease = engines.bus.lease;
-    let config = WorkerConfig { identity, lease, poll: Duration::from_secs(1), builder };
+    let config = WorkerConfig::new(identity, lease, builder);
     ctpf_distributors::jobs::run(config, bus, shutdown).await;
     Ok(())
 }

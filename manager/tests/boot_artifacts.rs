@@ -63,12 +63,8 @@ impl Plane {
             tags: Default::default(),
             roles: vec![Role::Builder],
         };
-        let config = WorkerConfig {
-            identity,
-            lease: Duration::from_secs(30),
-            poll: Duration::from_millis(100),
-            builder: Some(builder),
-        };
+        let mut config = WorkerConfig::new(identity, Duration::from_secs(30), Some(builder));
+        config.poll = Duration::from_millis(100);
         tokio::spawn(ctpf_distributors::jobs::run(config, bus, stop.clone()));
         tokio::spawn(ingest_reports(registry.clone(), "test".into(), stop.clone()));
         Self { registry, artifacts, stop }
