@@ -12,6 +12,7 @@ pub mod kmod;
 pub mod process;
 pub mod service;
 pub mod single_flight;
+pub mod source;
 pub mod syslinux;
 pub mod tools;
 

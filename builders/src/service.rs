@@ -33,6 +33,7 @@ use crate::grub::{self, GrubError, GrubImageRequest, GrubTarget};
 use crate::ipxe::{self, IpxeBuildRequest, IpxeError, IpxePlan, IpxeTarget};
 use crate::process::{LogLine, Stream};
 use crate::single_flight::SingleFlight;
+use crate::source::{SourceError, SourceSpec, StagedSource};
 use crate::syslinux::{self, SYSLINUX_FILES, SyslinuxError};
 use crate::tools;
 
@@ -137,6 +138,19 @@ impl From<DiscoveryError> for BuildError {
     }
 }
 
+impl From<SourceError> for BuildError {
+    fn from(e: SourceError) -> Self {
+        match e {
+            SourceError::Unrecognised(_)
+            | SourceError::BadRevision(_)
+            | SourceError::BadTarball { .. }
+            | SourceError::MissingTarball(_) => BuildError::Invalid(e.to_string()),
+            SourceError::Git { .. } | SourceError::Process(_) => BuildError::Failed(e.to_string()),
+            SourceError::Store(_) | SourceError::Io { .. } => BuildError::Transient(e.to_string()),
+        }
+    }
+}
+
 impl From<SyslinuxError> for BuildError {
     fn from(e: SyslinuxError) -> Self {
         match e {
@@ -208,9 +222,7 @@ pub fn validate(request: &BuildRequest) -> Result<(), BuildError> {
             }
         }
         BuildRequest::Ipxe { source, targets, embed, options, .. } => {
-            if source.is_empty() {
-                return Err(BuildError::Invalid("no iPXE source given".into()));
-            }
+            SourceSpec::parse(source)?;
             if targets.is_empty() {
                 return Err(IpxeError::NoTargets.into());
             }
@@ -256,7 +268,8 @@ struct Plan {
 #[derive(Debug)]
 enum Work {
     Grub(GrubImageRequest),
-    Ipxe(Box<IpxePlan>),
+    /// The plan, and the staged source it copies from (kept until the build is done).
+    Ipxe(Box<IpxePlan>, StagedSource),
     Syslinux,
     Discovery(DiscoverySources, Box<DiscoveryPlan>),
 }
@@ -300,7 +313,7 @@ impl Builder {
         log: BuildLog,
     ) -> Result<BuildManifest, BuildError> {
         validate(request)?;
-        let plan = self.inner.plan(request).await?;
+        let plan = self.inner.plan(request, cancel.clone(), &log).await?;
         log.say(format!("{} build, key {}", plan.recipe, plan.key));
         if let Some(manifest) = self.inner.cached(&plan.key).await? {
             log.say(format!(
@@ -333,13 +346,31 @@ impl Builder {
 }
 
 impl Inner {
-    async fn plan(&self, request: &BuildRequest) -> Result<Plan, BuildError> {
+    async fn plan(
+        &self,
+        request: &BuildRequest,
+        cancel: CancellationToken,
+        log: &BuildLog,
+    ) -> Result<Plan, BuildError> {
         match request {
             BuildRequest::Grub { target, config } => {
                 self.plan_grub(target, config.as_deref()).await
             }
             BuildRequest::Ipxe { source, targets, embed, trust, certs, options, no_werror } => {
-                let mut ipxe = IpxeBuildRequest::new(source, Vec::new());
+                let spec = SourceSpec::parse(source)?;
+                if !matches!(spec, SourceSpec::Path(_)) {
+                    log.say(format!("staging the source {source}"));
+                }
+                let tool_log = |line: LogLine| log.tool_line(line);
+                let staged = crate::source::stage(
+                    &spec,
+                    self.artifacts.as_ref(),
+                    &self.config.work_dir,
+                    cancel,
+                    tool_log,
+                )
+                .await?;
+                let mut ipxe = IpxeBuildRequest::new(&staged.dir, Vec::new());
                 ipxe.targets = targets
                     .iter()
                     .map(|t| t.parse().map_err(IpxeError::from))
@@ -358,7 +389,7 @@ impl Inner {
                 let plan = IpxePlan::new(ipxe).await?;
                 let mut inputs = BTreeMap::new();
                 inputs.insert("source".into(), plan.source_digest.to_string());
-                inputs.insert("source_path".into(), plan.src_dir.display().to_string());
+                inputs.insert("source_location".into(), source.clone());
                 let targets: Vec<&str> =
                     plan.request.targets.iter().map(|t| t.make_target()).collect();
                 inputs.insert("targets".into(), targets.join(","));
@@ -381,7 +412,7 @@ impl Inner {
                     key: plan.key,
                     inputs,
                     tools: plan.tools.0.clone(),
-                    work: Work::Ipxe(Box::new(plan)),
+                    work: Work::Ipxe(Box::new(plan), staged),
                 })
             }
             BuildRequest::Syslinux {} => self.plan_syslinux().await,
@@ -588,7 +619,7 @@ impl Inner {
                 let file = request.target.file_name().to_owned();
                 Ok(vec![(file, ArtifactKind::Bootloader, image.path)])
             }
-            Work::Ipxe(ipxe_plan) => {
+            Work::Ipxe(ipxe_plan, _source) => {
                 log.say(format!("make {}", targets_text(&ipxe_plan.request.targets)));
                 let built = ipxe_plan.build(dir, cancel, tool_log).await?;
                 Ok(built

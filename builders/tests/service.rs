@@ -226,3 +226,116 @@ async fn syslinux_files_are_collected_with_package_versions() {
     assert!(manifest.tools.contains_key("isolinux"), "{:?}", manifest.tools);
     assert!(build(&site.builder, &BuildRequest::Syslinux {}).await.0.unwrap().cached);
 }
+
+/// The fixture tree as a tar.gz, the way a user would upload an iPXE release tarball.
+fn fixture_tarball() -> Vec<u8> {
+    let encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(encoder);
+    tar.append_dir_all("ipxe-1.0/src", Path::new(&fixture()).join("src")).unwrap();
+    tar.into_inner().unwrap().finish().unwrap()
+}
+
+#[tokio::test]
+async fn a_tarball_in_the_store_builds_like_the_same_tree_on_disk() {
+    let _serial = COUNTING.lock().await;
+    let site = site().await;
+    let tarball = fixture_tarball();
+    let info = site.store.put(Box::pin(std::io::Cursor::new(tarball)), None).await.unwrap();
+    let from_disk = build(&site.builder, &ipxe("#!ipxe\necho tarball\n")).await.0.unwrap();
+    let mut request = ipxe("#!ipxe\necho tarball\n");
+    if let BuildRequest::Ipxe { source, .. } = &mut request {
+        *source = format!("sha256:{}", info.digest.hex());
+    }
+    let (from_tarball, lines) = build(&site.builder, &request).await;
+    let from_tarball = from_tarball.unwrap();
+    // Same tree, same key: the tarball request is answered by the build from disk.
+    assert_eq!(from_tarball.key, from_disk.key);
+    assert!(from_tarball.cached, "{lines:?}");
+    assert!(is_empty_dir(&site.work), "the staged tree is removed");
+
+    // A tarball that is not in the store, and one that is not a tarball, are refused.
+    if let BuildRequest::Ipxe { source, .. } = &mut request {
+        *source = format!("sha256:{}", ctpf_common::Sha256Digest::of(b"absent").hex());
+    }
+    let err = build(&site.builder, &request).await.0.unwrap_err().to_string();
+    assert!(err.contains("not in the artifact store"), "{err}");
+}
+
+#[tokio::test]
+async fn a_tarball_entry_that_climbs_out_is_refused_and_writes_nothing() {
+    let _serial = COUNTING.lock().await;
+    let site = site().await;
+    let mut header = tar::Header::new_old();
+    let name = b"../escaped-by-tarball";
+    header.as_old_mut().name[..name.len()].copy_from_slice(name);
+    header.set_size(4);
+    header.set_mode(0o644);
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_cksum();
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.append(&header, &b"evil"[..]).unwrap();
+    let bytes = tar.into_inner().unwrap();
+    let info = site.store.put(Box::pin(std::io::Cursor::new(bytes)), None).await.unwrap();
+    let mut request = ipxe("#!ipxe\n");
+    if let BuildRequest::Ipxe { source, .. } = &mut request {
+        *source = format!("sha256:{}", info.digest.hex());
+    }
+    let err = build(&site.builder, &request).await.0.unwrap_err();
+    assert!(matches!(err, BuildError::Invalid(_)), "{err:?}");
+    assert!(err.to_string().contains("outside"), "{err}");
+    assert!(!site.work.join("escaped-by-tarball").exists());
+    assert!(is_empty_dir(&site.work));
+}
+
+fn git(dir: &Path, args: &[&str]) {
+    let status = std::process::Command::new("git")
+        .current_dir(dir)
+        .args([
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t.invalid",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "git {args:?}");
+}
+
+#[tokio::test]
+async fn a_git_repository_is_checked_out_at_a_revision() {
+    let _serial = COUNTING.lock().await;
+    let site = site().await;
+    let repo = tempfile::tempdir().unwrap();
+    let copy = std::process::Command::new("cp")
+        .args(["-r", &format!("{}/src", fixture()), repo.path().to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(copy.success());
+    git(repo.path(), &["init", "-q"]);
+    git(repo.path(), &["add", "."]);
+    git(repo.path(), &["commit", "-qm", "fixture"]);
+    git(repo.path(), &["tag", "v1"]);
+    let url = format!("file://{}", repo.path().display());
+    let mut request = ipxe("#!ipxe\necho git\n");
+    if let BuildRequest::Ipxe { source, .. } = &mut request {
+        *source = format!("{url}#v1");
+    }
+    let (result, lines) = build(&site.builder, &request).await;
+    let from_git = result.unwrap_or_else(|e| panic!("{e}\n{lines:?}"));
+    assert!(!from_git.cached);
+    assert_eq!(from_git.inputs["source_location"], format!("{url}#v1"));
+    // The same tree on disk has the same key: .git is not part of the source digest.
+    let from_disk = build(&site.builder, &ipxe("#!ipxe\necho git\n")).await.0.unwrap();
+    assert!(from_disk.cached && from_disk.key == from_git.key);
+    // A revision that does not exist fails with git's own words.
+    if let BuildRequest::Ipxe { source, .. } = &mut request {
+        *source = format!("{url}#no-such-tag");
+    }
+    let err = build(&site.builder, &request).await.0.unwrap_err().to_string();
+    assert!(err.contains("git fetch failed"), "{err}");
+    assert!(is_empty_dir(&site.work));
+}

@@ -27,9 +27,10 @@ pub enum BuildCmd {
     },
     /// iPXE from a source tree, with an embedded script and build options.
     Ipxe {
-        /// The iPXE tree (or its src directory) on the builder.
+        /// The iPXE tree (or its src directory) on the builder, artifact:NAME or sha256:HEX
+        /// (a tar/tar.gz in the artifact store), or a git URL with an optional #REV.
         #[arg(long, env = "CTPF_IPXE_SRC")]
-        source: PathBuf,
+        source: String,
         /// bin/undionly.kpxe, bin/ipxe.lkrn, bin-x86_64-efi/ipxe.efi, bin-arm64-efi/ipxe.efi
         /// (repeatable).
         #[arg(long = "target", required = true)]
@@ -130,7 +131,7 @@ fn request(cmd: &BuildCmd) -> Result<(BuildRequest, &BuildArgs)> {
                 parsed.insert(name.to_owned(), on);
             }
             let request = BuildRequest::Ipxe {
-                source: absolute(source)?,
+                source: source_location(source)?,
                 targets: targets.clone(),
                 embed: embed.as_ref().map(read).transpose()?,
                 trust: trust.iter().map(absolute).collect::<Result<_>>()?,
@@ -150,6 +151,17 @@ fn request(cmd: &BuildCmd) -> Result<(BuildRequest, &BuildArgs)> {
             (request, common)
         }
     })
+}
+
+/// Artifact, digest and URL sources are passed on as given; anything else is a local path,
+/// made absolute.
+fn source_location(source: &str) -> Result<String> {
+    let passed_on = ["artifact:", "sha256:", "https://", "http://", "git://", "ssh://", "file://"];
+    if passed_on.iter().any(|prefix| source.starts_with(prefix)) {
+        return Ok(source.to_owned());
+    }
+    let path = std::path::absolute(source).with_context(|| format!("resolving {source}"))?;
+    Ok(path.display().to_string())
 }
 
 pub async fn build(cli: &Cli, cmd: &BuildCmd) -> Result<()> {

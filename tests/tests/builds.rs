@@ -92,9 +92,32 @@ fn ipxe_builds_stream_their_log_and_a_repeat_is_a_cache_hit() {
     assert!(second.contains("cache hit"), "{second}");
     assert!(!second.contains("[BUILD]"), "a cache hit runs no make:\n{second}");
 
+    // The same tree uploaded as a tarball: same key, so the cache answers.
+    let tarball = dir.path().join("ipxe-src.tar.gz");
+    let tar = std::process::Command::new("tar")
+        .args(["czf", tarball.to_str().unwrap(), "-C", source.to_str().unwrap(), "src"])
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    up.ok(&[
+        "artifacts",
+        "push",
+        tarball.to_str().unwrap(),
+        "--name",
+        "ipxe-src",
+        "--kind",
+        "source",
+    ]);
+    let mut from_artifact = args.to_vec();
+    from_artifact[3] = "artifact:ipxe-src";
+    let third = up.ok(&from_artifact);
+    assert!(third.contains("cache hit"), "{third}");
+
     let list: Value = serde_json::from_str(&up.ok(&["builds", "list", "--json"])).unwrap();
     let list = list.as_array().unwrap();
-    assert_eq!(list.len(), 2, "{list:?}");
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert_eq!(list[0]["spec"]["request"]["source"].as_str().unwrap().len(), 71, "sha256:HEX");
+    let list = &list[1..];
     // Newest first: the cache hit, with the same outputs as the build.
     assert_eq!(list[0]["manifest"]["cached"], true);
     assert_eq!(list[1]["manifest"]["cached"], false);

@@ -17,7 +17,9 @@ use super::{ApiError, AppState, ErrorBody, ListQuery, ValidJson, parse_uuid};
 /// Longest `wait` a request may ask for.
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
-/// Submits a build for a worker with the `builder` role. Bad input (unknown target, a script
+/// Submits a build for a worker with the `builder` role. An iPXE `source` is a path on the
+/// builder, `sha256:HEX` or `artifact:NAME` (a tar or tar.gz in the artifact store), or a git
+/// URL with an optional `#REV`. Bad input (unknown target, a script
 /// that is not an iPXE script, a GRUB config that is an iPXE script, ...) is a 400 naming
 /// what is valid. A GRUB request without a config gets this manager's entry config (GRUB's
 /// network stack fetches the per-machine config from here). With `wait=SECONDS` the answer
@@ -32,6 +34,13 @@ pub(super) async fn submit_build(
 ) -> Result<(StatusCode, Json<Job>), ApiError> {
     let q = q.only(&["wait"])?;
     let wait = Duration::from_secs(q.parse_num::<u64>("wait", 0)?).min(MAX_WAIT);
+    // A source tarball named as an artifact goes to the builder by digest.
+    if let BuildRequest::Ipxe { source, .. } = &mut new.request
+        && let Some(name) = source.strip_prefix("artifact:")
+    {
+        let artifact = s.registry.artifact(name).await?;
+        *source = format!("sha256:{}", artifact.digest.hex());
+    }
     ctpf_builders::service::validate(&new.request)
         .map_err(|e| ApiError::invalid("request", e.to_string()))?;
     if let BuildRequest::Grub { target, config: config @ None } = &mut new.request {
