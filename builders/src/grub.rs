@@ -89,14 +89,22 @@ impl GrubTarget {
         }
     }
 
-    fn modules(self) -> Vec<&'static str> {
+    /// The modules built into the image.
+    pub fn modules(self) -> Vec<&'static str> {
         let mut modules = NETBOOT_MODULES.to_vec();
         match self {
             Self::X86_64Efi | Self::Arm64Efi => modules.push("efinet"),
-            Self::I386PcPxe => modules.extend(["pxe", "biosdisk", "part_msdos"]),
-            Self::I386PcEltorito => {
-                modules.extend(["biosdisk", "part_msdos", "part_gpt", "iso9660", "fat", "search"])
-            }
+            // linux16 loads ipxe.lkrn when the image chainloads iPXE.
+            Self::I386PcPxe => modules.extend(["pxe", "biosdisk", "part_msdos", "linux16"]),
+            Self::I386PcEltorito => modules.extend([
+                "biosdisk",
+                "part_msdos",
+                "part_gpt",
+                "iso9660",
+                "fat",
+                "search",
+                "linux16",
+            ]),
         }
         modules
     }

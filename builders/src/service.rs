@@ -215,8 +215,13 @@ impl BuildLog {
 /// accepting a build, so a bad target or script is a 400, not a failed job.
 pub fn validate(request: &BuildRequest) -> Result<(), BuildError> {
     match request {
-        BuildRequest::Grub { target, config } => {
+        BuildRequest::Grub { target, config, chain_ipxe } => {
             GrubTarget::parse(target)?;
+            if config.is_some() && *chain_ipxe {
+                return Err(BuildError::Invalid(
+                    "give either a GRUB config or chain_ipxe, not both".into(),
+                ));
+            }
             if let Some(config) = config {
                 grub::check_config(config)?;
             }
@@ -353,7 +358,7 @@ impl Inner {
         log: &BuildLog,
     ) -> Result<Plan, BuildError> {
         match request {
-            BuildRequest::Grub { target, config } => {
+            BuildRequest::Grub { target, config, .. } => {
                 self.plan_grub(target, config.as_deref()).await
             }
             BuildRequest::Ipxe { source, targets, embed, trust, certs, options, no_werror } => {
@@ -470,6 +475,7 @@ impl Inner {
         key.field("config", config.as_bytes());
         key.field("moddep", moddep_digest.as_bytes());
         key.field("grub-mkimage", mkimage.as_bytes());
+        key.field("modules", target.modules().join(" ").as_bytes());
         let inputs = BTreeMap::from([
             ("target".to_owned(), target.format().to_owned()),
             ("config".to_owned(), Sha256Digest::of(config.as_bytes()).to_string()),
@@ -697,6 +703,7 @@ mod tests {
         let grub = |target: &str, config: Option<&str>| BuildRequest::Grub {
             target: target.into(),
             config: config.map(str::to_owned),
+            chain_ipxe: false,
         };
         let err = validate(&grub("mips-arc", None)).unwrap_err().to_string();
         assert!(err.contains("x86_64-efi") && err.contains("i386-pc-pxe"), "{err}");

@@ -184,12 +184,18 @@ async fn bad_input_is_refused_before_running_with_what_is_valid() {
     let err = build(&site.builder, &missing).await.0.unwrap_err();
     assert!(matches!(err, BuildError::Invalid(_)), "{err:?}");
     assert!(err.to_string().contains("no iPXE source tree at /nonexistent/ipxe"), "{err}");
-    let bad_target =
-        BuildRequest::Grub { target: "sparc64-ieee1275".into(), config: Some("echo\n".into()) };
+    let bad_target = BuildRequest::Grub {
+        target: "sparc64-ieee1275".into(),
+        config: Some("echo\n".into()),
+        chain_ipxe: false,
+    };
     let err = build(&site.builder, &bad_target).await.0.unwrap_err().to_string();
     assert!(err.contains("valid") && err.contains("x86_64-efi"), "{err}");
-    let not_grub =
-        BuildRequest::Grub { target: "x86_64-efi".into(), config: Some("#!ipxe\n".into()) };
+    let not_grub = BuildRequest::Grub {
+        target: "x86_64-efi".into(),
+        config: Some("#!ipxe\n".into()),
+        chain_ipxe: false,
+    };
     assert!(
         build(&site.builder, &not_grub).await.0.unwrap_err().to_string().contains("iPXE script")
     );
@@ -205,8 +211,11 @@ async fn grub_images_build_into_the_store_and_hit_the_cache() {
         ("i386-pc-pxe", "core.0"),
         ("i386-pc-eltorito", "eltorito.img"),
     ] {
-        let request =
-            BuildRequest::Grub { target: target.into(), config: Some(format!("echo {target}\n")) };
+        let request = BuildRequest::Grub {
+            target: target.into(),
+            config: Some(format!("echo {target}\n")),
+            chain_ipxe: false,
+        };
         let first = build(&site.builder, &request).await.0.unwrap();
         assert_eq!(first.outputs[0].file, file);
         assert!(first.tools["grub-mkimage"].contains("GRUB"), "{:?}", first.tools);

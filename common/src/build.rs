@@ -22,6 +22,10 @@ pub enum BuildRequest {
         /// network stack fetches the per-machine config from this ctpf).
         #[serde(default)]
         config: Option<String>,
+        /// With no config: embed one that loads iPXE from the manager over HTTP (for sites
+        /// that keep iPXE scripts) instead of GRUB's own per-machine config.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chain_ipxe: bool,
     },
     /// The iPXE make frontend over a source tree.
     Ipxe {

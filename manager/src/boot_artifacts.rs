@@ -147,8 +147,15 @@ async fn store(
 
 /// Boot loader files UEFI HTTP boot fetches by URL (the DHCP answer names them), stored as
 /// artifacts `boot-FILE`.
-pub const HTTP_BOOT_FILES: &[&str] =
-    &["ipxe.efi", "ipxe-arm64.efi", "undionly.kpxe", "grubx64.efi", "grubaa64.efi", "core.0"];
+pub const HTTP_BOOT_FILES: &[&str] = &[
+    "ipxe.efi",
+    "ipxe-arm64.efi",
+    "undionly.kpxe",
+    "ipxe.lkrn",
+    "grubx64.efi",
+    "grubaa64.efi",
+    "core.0",
+];
 
 /// The artifact name of an HTTP boot file.
 pub fn boot_file_artifact(file: &str) -> String {
@@ -201,7 +208,11 @@ pub async fn build_grub_images(
         (GrubTarget::Arm64Efi, ctpf_scripts::ScriptArch::Arm64Efi),
     ] {
         let config = ctpf_scripts::render_grub_entry(base_url, arch)?;
-        let request = BuildRequest::Grub { target: target.format().into(), config: Some(config) };
+        let request = BuildRequest::Grub {
+            target: target.format().into(),
+            config: Some(config),
+            chain_ipxe: false,
+        };
         let name = Some(ArtifactName::parse("name", "boot")?);
         let job =
             registry.submit_build(NewBuild { request, name, selector: TagSelector::any() }).await?;

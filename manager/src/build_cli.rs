@@ -20,8 +20,11 @@ pub enum BuildCmd {
         #[arg(long)]
         target: String,
         /// A GRUB config file to embed instead.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "chain_ipxe")]
         config: Option<PathBuf>,
+        /// Embed a config that loads iPXE from this ctpf (ipxe.efi, or ipxe.lkrn under BIOS).
+        #[arg(long)]
+        chain_ipxe: bool,
         #[command(flatten)]
         common: BuildArgs,
     },
@@ -115,9 +118,11 @@ fn request(cmd: &BuildCmd) -> Result<(BuildRequest, &BuildArgs)> {
             .to_string())
     };
     Ok(match cmd {
-        BuildCmd::Grub { target, config, common } => {
+        BuildCmd::Grub { target, config, chain_ipxe, common } => {
             let config = config.as_ref().map(read).transpose()?;
-            (BuildRequest::Grub { target: target.clone(), config }, common)
+            let request =
+                BuildRequest::Grub { target: target.clone(), config, chain_ipxe: *chain_ipxe };
+            (request, common)
         }
         BuildCmd::Ipxe { source, targets, embed, trust, cert, options, no_werror, common } => {
             let mut parsed = BTreeMap::new();

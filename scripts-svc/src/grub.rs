@@ -55,6 +55,27 @@ pub fn render_grub_entry(base_url: &BaseUrl, arch: ScriptArch) -> Result<String,
 }
 
 #[derive(Template)]
+#[template(path = "grub_chain_ipxe.cfg")]
+struct GrubChainIpxe<'a> {
+    base_url: &'a BaseUrl,
+    http_server: String,
+    bios: bool,
+    ipxe_file: &'static str,
+}
+
+/// A config for a GRUB image that only loads iPXE from ctpf (`/ipxe.efi`,
+/// `/ipxe-arm64.efi`, or `/ipxe.lkrn` under BIOS), for sites whose scripts stay iPXE.
+pub fn render_grub_chain_ipxe(base_url: &BaseUrl, arch: ScriptArch) -> Result<String, ScriptError> {
+    let (bios, ipxe_file) = match arch {
+        ScriptArch::X86_64Bios => (true, "ipxe.lkrn"),
+        ScriptArch::X86_64Efi => (false, "ipxe.efi"),
+        ScriptArch::Arm64Efi => (false, "ipxe-arm64.efi"),
+    };
+    let chain = GrubChainIpxe { base_url, http_server: http_server(base_url)?, bios, ipxe_file };
+    finish("grub chain ipxe", chain.render())
+}
+
+#[derive(Template)]
 #[template(path = "grub_discovery.cfg")]
 struct GrubDiscovery<'a> {
     http_server: String,

@@ -17,7 +17,9 @@ mod render;
 mod request;
 
 pub use escape::{BaseUrl, EnrollmentToken, GrubEscaper, HttpUrl, IpxeEscaper, KernelCmdline};
-pub use grub::{render_grub_entry, render_grub_local_disk, render_grub_machine};
+pub use grub::{
+    render_grub_chain_ipxe, render_grub_entry, render_grub_local_disk, render_grub_machine,
+};
 pub use render::{
     ENTRY_MAX_NICS, ENTRY_MAX_ROUNDS, ENTRY_RETRY_DELAY_SECS, Profile, ScriptContext, ScriptError,
     render_entry, render_local_disk, render_machine,

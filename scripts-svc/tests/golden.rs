@@ -6,8 +6,8 @@
 use std::path::PathBuf;
 
 use ctpf_scripts::{
-    BootRequest, Profile, ScriptArch, ScriptContext, render_entry, render_grub_entry,
-    render_grub_machine, render_machine,
+    BootRequest, Profile, ScriptArch, ScriptContext, render_entry, render_grub_chain_ipxe,
+    render_grub_entry, render_grub_machine, render_machine,
 };
 
 fn context() -> ScriptContext {
@@ -48,6 +48,8 @@ fn all_scripts() -> Vec<(String, String)> {
         }
         let entry = render_grub_entry(&context.base_url, arch).unwrap();
         scripts.push((format!("grub-entry-{arch}.cfg"), entry));
+        let chain = render_grub_chain_ipxe(&context.base_url, arch).unwrap();
+        scripts.push((format!("grub-chain-ipxe-{arch}.cfg"), chain));
         for profile in [Profile::Discovery { cmdline: "console=ttyS0".into() }, Profile::LocalDisk]
         {
             let name = format!("grub-{}-{}.cfg", profile.kind(), arch);

@@ -197,4 +197,24 @@ fn grub_gets_the_managers_entry_config_by_default() {
     let api = up.process.api().trim_start_matches("http://").to_owned();
     let text = String::from_utf8_lossy(&bytes);
     assert!(text.contains(&format!("(http,{api})/boot/grub")), "entry config for {api} missing");
+
+    // Sites that keep iPXE get GRUB images that only load it from ctpf.
+    let out =
+        up.ok(&["build", "grub", "--target", "x86_64-efi", "--chain-ipxe", "--name", "chain"]);
+    assert!(out.contains("succeeded"), "{out}");
+    up.ok(&["artifacts", "pull", "chain-grubx64.efi", "-o", image.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&std::fs::read(&image).unwrap()).into_owned();
+    assert!(text.contains(&format!("chainloader '(http,{api})/ipxe.efi'")), "no chainloader");
+    let bios = up.ok(&["build", "grub", "--target", "i386-pc-pxe", "--chain-ipxe"]);
+    assert!(bios.contains("core.0") && bios.contains("succeeded"), "{bios}");
+    let both = up.fails(&[
+        "build",
+        "grub",
+        "--target",
+        "x86_64-efi",
+        "--chain-ipxe",
+        "--config",
+        "/etc/hostname",
+    ]);
+    assert!(both.contains("cannot be used with"), "{both}");
 }

@@ -22,7 +22,8 @@ const MAX_WAIT: Duration = Duration::from_secs(600);
 /// URL with an optional `#REV`. Bad input (unknown target, a script
 /// that is not an iPXE script, a GRUB config that is an iPXE script, ...) is a 400 naming
 /// what is valid. A GRUB request without a config gets this manager's entry config (GRUB's
-/// network stack fetches the per-machine config from here). With `wait=SECONDS` the answer
+/// network stack fetches the per-machine config from here), or with `chain_ipxe` one that
+/// loads iPXE from here. With `wait=SECONDS` the answer
 /// comes when the build is finished (or the wait is over): a cache hit returns at once.
 #[utoipa::path(post, path = "/v1/builds", tag = "builds", request_body = NewBuild,
     params(("wait" = Option<u64>, Query, description = "seconds to wait for the result, at most 600")),
@@ -43,15 +44,20 @@ pub(super) async fn submit_build(
     }
     ctpf_builders::service::validate(&new.request)
         .map_err(|e| ApiError::invalid("request", e.to_string()))?;
-    if let BuildRequest::Grub { target, config: config @ None } = &mut new.request {
+    if let BuildRequest::Grub { target, config: config @ None, chain_ipxe } = &mut new.request {
         let arch = match target.as_str() {
             "x86_64-efi" => ctpf_scripts::ScriptArch::X86_64Efi,
             "arm64-efi" => ctpf_scripts::ScriptArch::Arm64Efi,
             _ => ctpf_scripts::ScriptArch::X86_64Bios,
         };
-        let entry = ctpf_scripts::render_grub_entry(&s.boot.base_url, arch)
-            .map_err(|e| ApiError::invalid("request.config", e.to_string()))?;
-        *config = Some(entry);
+        let rendered = if *chain_ipxe {
+            ctpf_scripts::render_grub_chain_ipxe(&s.boot.base_url, arch)
+        } else {
+            ctpf_scripts::render_grub_entry(&s.boot.base_url, arch)
+        };
+        *config = Some(rendered.map_err(|e| ApiError::invalid("request.config", e.to_string()))?);
+        // The config is now explicit; the flag has done its work.
+        *chain_ipxe = false;
     }
     let job = s.registry.submit_build(new).await?;
     let job = if wait.is_zero() { job } else { wait_until_final(&s, job, wait).await? };
