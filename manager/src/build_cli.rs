@@ -23,6 +23,7 @@ pub enum BuildCmd {
         #[arg(long, conflicts_with = "chain_ipxe")]
         config: Option<PathBuf>,
         /// Embed a config that loads iPXE from this ctpf (ipxe.efi, or ipxe.lkrn under BIOS).
+        /// Experimental: not yet seen to boot in QEMU with Debian's iPXE.
         #[arg(long)]
         chain_ipxe: bool,
         #[command(flatten)]

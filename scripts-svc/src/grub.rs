@@ -65,6 +65,8 @@ struct GrubChainIpxe<'a> {
 
 /// A config for a GRUB image that only loads iPXE from ctpf (`/ipxe.efi`,
 /// `/ipxe-arm64.efi`, or `/ipxe.lkrn` under BIOS), for sites whose scripts stay iPXE.
+/// Not yet proven to boot: in QEMU, Debian's iPXE (2019) loaded this way by GRUB 2.12
+/// stops at device initialisation under OVMF and after loading under SeaBIOS.
 pub fn render_grub_chain_ipxe(base_url: &BaseUrl, arch: ScriptArch) -> Result<String, ScriptError> {
     let (bios, ipxe_file) = match arch {
         ScriptArch::X86_64Bios => (true, "ipxe.lkrn"),
