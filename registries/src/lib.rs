@@ -434,23 +434,7 @@ impl Registry {
 
     /// Points `artifact.name` at its (already stored) content, replacing an older version.
     pub async fn record_artifact(&self, artifact: &Artifact) -> Result<(), RegistryError> {
-        let event = NewEvent::new(
-            None,
-            EventBody::ArtifactStored {
-                name: artifact.name.clone(),
-                digest: artifact.digest,
-                size: artifact.size,
-            },
-        );
-        let commit = Commit::new()
-            .write(Write::put(
-                Table::Artifacts,
-                artifact.name.as_str(),
-                encode(artifact)?,
-                Precondition::Any,
-            ))
-            .event(event);
-        self.state.commit(commit).await?;
+        self.state.commit(put_artifact(Commit::new(), artifact)?).await?;
         Ok(())
     }
 
@@ -656,22 +640,7 @@ impl Registry {
                 tags: [key_tag.clone()].into_iter().collect(),
                 created_at: now(),
             };
-            let event = NewEvent::new(
-                None,
-                EventBody::ArtifactStored {
-                    name: artifact.name.clone(),
-                    digest: artifact.digest,
-                    size: artifact.size,
-                },
-            );
-            commit = commit
-                .write(Write::put(
-                    Table::Artifacts,
-                    artifact.name.as_str(),
-                    encode(&artifact)?,
-                    Precondition::Any,
-                ))
-                .event(event);
+            commit = put_artifact(commit, &artifact)?;
         }
         Ok(commit)
     }
@@ -696,6 +665,22 @@ impl Registry {
             .collect();
         Ok((matching, scanned_to))
     }
+}
+
+/// Adds the artifact record (replacing the name's earlier target) and its event to `commit`.
+fn put_artifact(commit: Commit, artifact: &Artifact) -> Result<Commit, RegistryError> {
+    let event = NewEvent::new(
+        None,
+        EventBody::ArtifactStored {
+            name: artifact.name.clone(),
+            digest: artifact.digest,
+            size: artifact.size,
+        },
+    );
+    let record = encode(artifact)?;
+    Ok(commit
+        .write(Write::put(Table::Artifacts, artifact.name.as_str(), record, Precondition::Any))
+        .event(event))
 }
 
 /// The index keys that claim a host's identity.
