@@ -20,12 +20,15 @@ struct Site {
     http: reqwest::Client,
 }
 
+const S3_CREDENTIALS: [(&str, &str); 2] =
+    [("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_KEY)];
+
 impl Site {
     async fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let redis = RedisServer::start().unwrap();
         let s3 = S3Server::start().unwrap();
-        let manager = Self::start_manager(&dir, &redis, "manager.log");
+        let manager = Self::start_manager(&dir, &redis, &s3, "manager.log");
         let token = std::fs::read_to_string(dir.path().join("data/admin.token")).unwrap();
         Self {
             dir,
@@ -37,11 +40,18 @@ impl Site {
         }
     }
 
-    fn start_manager(dir: &tempfile::TempDir, redis: &RedisServer, log: &str) -> CtpfProcess {
+    fn start_manager(
+        dir: &tempfile::TempDir,
+        redis: &RedisServer,
+        s3: &S3Server,
+        log: &str,
+    ) -> CtpfProcess {
         let data = dir.path().join("data");
-        let args = ["manager", "--redis", &redis.url(), "--data-dir", data.to_str().unwrap()];
+        let (url, endpoint) = (redis.url(), s3.endpoint());
+        let args =
+            ["manager", "--redis", &url, "--s3", &endpoint, "--data-dir", data.to_str().unwrap()];
         let args = [&args[..], &["--listen", "127.0.0.1:0"]].concat();
-        CtpfProcess::start(&args, &[], dir.path().join(log), "listening on").unwrap()
+        CtpfProcess::start(&args, &S3_CREDENTIALS, dir.path().join(log), "listening on").unwrap()
     }
 
     fn worker(&self, id: &str, datacenter: &str, tags: &[&str]) -> CtpfProcess {
@@ -54,11 +64,7 @@ impl Site {
             args.extend(["--tag", t]);
         }
         let log = self.dir.path().join(format!("{id}.log"));
-        let credentials = [
-            ("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY),
-            ("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_KEY),
-        ];
-        CtpfProcess::start(&args, &credentials, log, "ready").unwrap()
+        CtpfProcess::start(&args, &S3_CREDENTIALS, log, "ready").unwrap()
     }
 
     async fn submit(&self, selector: &str, sleep_ms: u64) -> String {
@@ -180,7 +186,7 @@ async fn reports_wait_for_a_stopped_manager() {
     // The manager goes away while the job runs; the worker's report waits in Redis.
     assert!(site.manager.terminate().unwrap());
     tokio::time::sleep(Duration::from_secs(3)).await;
-    site.manager = Site::start_manager(&site.dir, &site.redis, "manager2.log");
+    site.manager = Site::start_manager(&site.dir, &site.redis, &site.s3, "manager2.log");
     let done =
         site.wait_for_job(&job, Duration::from_secs(30), |j| j["status"] == "succeeded").await;
     assert_eq!(done["worker"], "w1");
@@ -224,4 +230,49 @@ async fn a_dead_redis_is_a_clean_503_and_the_manager_recovers() {
         .map(|d| d["name"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(names, ["after", "before"]);
+}
+
+/// A build submitted to the manager runs on a separate builder worker, which stores the
+/// image in S3; the manager serves it by name. The same request again is a cache hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_runs_on_a_builder_worker_and_its_output_is_served_by_the_manager() {
+    let site = Site::start().await;
+    let _builder = site.worker("builder-1", "dc-a", &[]);
+    let build = |config: &str| json!({"request": {"recipe": "grub", "target": "x86_64-efi", "config": config}, "name": "dist"});
+    let submit = |body: Value| {
+        let request = site
+            .http
+            .post(format!("{}/v1/builds?wait=120", site.manager.api()))
+            .bearer_auth(&site.token)
+            .json(&body);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let job = submit(build("echo distributed\n")).await;
+    assert_eq!(job["status"], "succeeded", "{job}\n{}", site.manager.log_text());
+    assert_eq!(job["worker"], "builder-1");
+    assert_eq!(job["manifest"]["cached"], false);
+    let digest = job["manifest"]["outputs"][0]["digest"].as_str().unwrap().to_owned();
+
+    let url = format!("{}/v1/artifacts/dist-grubx64.efi/content", site.manager.api());
+    let image = site.http.get(url).bearer_auth(&site.token).send().await.unwrap();
+    assert!(image.status().is_success(), "{}", image.status());
+    let bytes = image.bytes().await.unwrap();
+    assert_eq!(&bytes[..2], b"MZ");
+    assert!(bytes.windows(17).any(|w| w == b"echo distributed\n"));
+
+    let again = submit(build("echo distributed\n")).await;
+    assert_eq!(again["manifest"]["cached"], true, "{again}");
+    assert_eq!(again["manifest"]["outputs"][0]["digest"], digest.as_str());
+    // Its log came back through Redis.
+    let id = job["id"].as_str().unwrap();
+    let log = site.get(&format!("/v1/builds/{id}/logs")).await;
+    assert_eq!(log["finished"], true, "{log}");
+    assert!(
+        log["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["text"].as_str().unwrap().contains("grub-mkimage")),
+        "{log}"
+    );
 }
