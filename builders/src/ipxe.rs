@@ -222,7 +222,8 @@ pub fn validate(request: &IpxeBuildRequest) -> Result<PathBuf, IpxeError> {
     resolve_src_dir(&request.source)
 }
 
-fn validate_script(script: &str) -> Result<(), IpxeError> {
+/// An embedded script: at most [`MAX_SCRIPT_BYTES`], no NUL, starting with `#!ipxe`.
+pub fn validate_script(script: &str) -> Result<(), IpxeError> {
     if script.len() > MAX_SCRIPT_BYTES {
         return Err(IpxeError::ScriptTooLarge { size: script.len() });
     }
@@ -241,7 +242,8 @@ fn validate_script(script: &str) -> Result<(), IpxeError> {
     Ok(())
 }
 
-fn validate_option_name(name: &str) -> Result<(), IpxeError> {
+/// A build option name: like `DOWNLOAD_PROTO_HTTPS`.
+pub fn validate_option_name(name: &str) -> Result<(), IpxeError> {
     let valid = name.chars().next().is_some_and(|c| c.is_ascii_uppercase() || c == '_')
         && name.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
     if valid { Ok(()) } else { Err(IpxeError::OptionName { name: name.to_owned() }) }

@@ -4,7 +4,7 @@
 //! temporary directory under the work dir; the build key is then taken over the tree, so the
 //! same tree gives the same key whichever way it came.
 
-use std::io::Read as _;
+use std::io::BufRead as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -103,12 +103,13 @@ pub async fn stage(
     cancel: CancellationToken,
     log: impl FnMut(LogLine),
 ) -> Result<StagedSource, SourceError> {
-    let path = match spec {
-        SourceSpec::Path(path) => return Ok(StagedSource { dir: path.clone(), _staging: None }),
-        _ => work_dir,
-    };
-    let io = |source| SourceError::Io { dir: path.to_owned(), source };
-    let staging = tempfile::Builder::new().prefix("source-").tempdir_in(work_dir).map_err(io)?;
+    if let SourceSpec::Path(path) = spec {
+        return Ok(StagedSource { dir: path.clone(), _staging: None });
+    }
+    let staging = tempfile::Builder::new()
+        .prefix("source-")
+        .tempdir_in(work_dir)
+        .map_err(|source| SourceError::Io { dir: work_dir.to_owned(), source })?;
     let mut tree = staging.path().join("tree");
     match spec {
         SourceSpec::Path(_) => unreachable!("returned above"),
@@ -161,10 +162,9 @@ async fn unpack_tarball(
 /// [`MAX_UNPACKED_BYTES`].
 fn unpack(archive_path: &Path, tree: &Path, digest: Sha256Digest) -> Result<(), SourceError> {
     let bad = |reason: String| SourceError::BadTarball { digest, reason };
-    let mut file = std::fs::File::open(archive_path).map_err(|e| bad(e.to_string()))?;
-    let mut magic = [0u8; 2];
-    let gzip = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
     let file = std::fs::File::open(archive_path).map_err(|e| bad(e.to_string()))?;
+    let mut file = std::io::BufReader::new(file);
+    let gzip = file.fill_buf().map_err(|e| bad(e.to_string()))?.starts_with(&[0x1f, 0x8b]);
     let reader: Box<dyn std::io::Read> =
         if gzip { Box::new(flate2::read::GzDecoder::new(file)) } else { Box::new(file) };
     std::fs::create_dir(tree).map_err(|e| bad(e.to_string()))?;

@@ -105,21 +105,13 @@ pub async fn submit_discovery(registry: &Registry, sources: &DiscoverySources) -
     Ok(registry.submit_build(build).await?)
 }
 
-/// Waits until job `id` is final (polling the registry), up to `timeout`.
+/// Waits until job `id` is final, up to `timeout`.
 pub async fn wait_for_job(registry: &Registry, id: Uuid, timeout: Duration) -> Result<Job> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut delay = Duration::from_millis(5);
-    loop {
-        let job = registry.job(id).await?;
-        if job.status.is_final() {
-            return Ok(job);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            bail!("job {id} still {:?} after {timeout:?}", job.status);
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_millis(100));
+    let job = registry.wait_until_final(id, tokio::time::Instant::now() + timeout).await?;
+    if !job.status.is_final() {
+        bail!("job {id} still {:?} after {timeout:?}", job.status);
     }
+    Ok(job)
 }
 
 async fn store(

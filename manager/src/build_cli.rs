@@ -178,6 +178,11 @@ pub async fn build(cli: &Cli, cmd: &BuildCmd) -> Result<()> {
         selector: common.selector.parse::<TagSelector>()?,
     };
     let api = client(cli)?;
+    if cli.json && !common.detach {
+        // No log to show: let the server answer once the build is over.
+        let job: Job = api.post("/v1/builds?wait=600", &new).await?;
+        return finish(cli, &job);
+    }
     let job: Job = api.post("/v1/builds", &new).await?;
     if common.detach {
         if cli.json {
@@ -187,36 +192,39 @@ pub async fn build(cli: &Cli, cmd: &BuildCmd) -> Result<()> {
         }
         return Ok(());
     }
-    if !cli.json {
-        eprintln!("build {} queued", job.id);
-    }
-    follow_log(&api, &job.id.to_string(), !cli.json).await?;
+    eprintln!("build {} queued", job.id);
+    print_log(&api, &job.id.to_string(), true).await?;
     let job: Job = api.get(&format!("/v1/builds/{}", job.id), &[]).await?;
-    show(cli, &job)?;
+    finish(cli, &job)
+}
+
+/// Shows the build; an error unless it succeeded.
+fn finish(cli: &Cli, job: &Job) -> Result<()> {
+    show(cli, job)?;
     if job.status != JobStatus::Succeeded {
         bail!("build {} {}", job.id, label(&job.status));
     }
     Ok(())
 }
 
-/// Prints log lines until the build is over; returns the number of lines printed.
-async fn follow_log(api: &ApiClient, id: &str, print_lines: bool) -> Result<u64> {
+/// Prints the build's log: what is there now, or with `follow` everything until the build
+/// is over (long polls).
+async fn print_log(api: &ApiClient, id: &str, follow: bool) -> Result<()> {
+    const PAGE: usize = 10_000;
     let mut after = 0u64;
-    let mut printed = 0;
     loop {
-        let query = [("after", after.to_string()), ("wait", "30".to_owned())];
+        let mut query = vec![("after", after.to_string()), ("limit", PAGE.to_string())];
+        if follow {
+            query.push(("wait", "30".to_owned()));
+        }
         let page: serde_json::Value = api.get(&format!("/v1/builds/{id}/logs"), &query).await?;
         let lines: Vec<ctpf_common::BuildLogLine> =
             serde_json::from_value(page["lines"].clone()).context("reading the log page")?;
-        for line in &lines {
-            if print_lines {
-                print_line(line);
-            }
-            printed += 1;
-        }
+        lines.iter().for_each(print_line);
         after = page["next"].as_u64().unwrap_or(after);
-        if page["finished"].as_bool() == Some(true) {
-            return Ok(printed);
+        let done = if follow { page["finished"] == true } else { lines.len() < PAGE };
+        if done {
+            return Ok(());
         }
     }
 }
@@ -285,26 +293,6 @@ pub async fn builds(cli: &Cli, cmd: &BuildsCmd) -> Result<()> {
             let job: Job = api.get(&format!("/v1/builds/{id}"), &[]).await?;
             show(cli, &job)
         }
-        BuildsCmd::Logs { id, follow } => {
-            if *follow {
-                follow_log(&api, id, true).await?;
-                return Ok(());
-            }
-            let mut after = 0u64;
-            loop {
-                let query = [("after", after.to_string()), ("limit", "10000".to_owned())];
-                let page: serde_json::Value =
-                    api.get(&format!("/v1/builds/{id}/logs"), &query).await?;
-                let lines: Vec<ctpf_common::BuildLogLine> =
-                    serde_json::from_value(page["lines"].clone())?;
-                for line in &lines {
-                    print_line(line);
-                }
-                after = page["next"].as_u64().unwrap_or(after);
-                if lines.len() < 10_000 {
-                    return Ok(());
-                }
-            }
-        }
+        BuildsCmd::Logs { id, follow } => print_log(&api, id, *follow).await,
     }
 }

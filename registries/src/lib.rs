@@ -525,6 +525,24 @@ impl Registry {
         Ok((lines, job))
     }
 
+    /// The job once it is final, or as it is when `deadline` passes: polled, starting fast
+    /// (a cache-hit build is done within milliseconds) and backing off to 50 ms.
+    pub async fn wait_until_final(
+        &self,
+        id: Uuid,
+        deadline: tokio::time::Instant,
+    ) -> Result<Job, RegistryError> {
+        let mut delay = std::time::Duration::from_millis(1);
+        loop {
+            let job = self.job(id).await?;
+            if job.status.is_final() || tokio::time::Instant::now() >= deadline {
+                return Ok(job);
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + delay)).await;
+            delay = (delay * 2).min(std::time::Duration::from_millis(50));
+        }
+    }
+
     pub async fn job(&self, id: Uuid) -> Result<Job, RegistryError> {
         self.get(Table::Jobs, &id.to_string())
             .await?

@@ -12,6 +12,8 @@ use ctpf_common::{BuildLogLine, BuildRequest, Job, JobSpec, JobStatus, NewBuild}
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use ctpf_registries::RegistryError;
+
 use super::{ApiError, AppState, ErrorBody, ListQuery, ValidJson, parse_uuid};
 
 /// Longest `wait` a request may ask for.
@@ -60,24 +62,13 @@ pub(super) async fn submit_build(
         *chain_ipxe = false;
     }
     let job = s.registry.submit_build(new).await?;
-    let job = if wait.is_zero() { job } else { wait_until_final(&s, job, wait).await? };
-    Ok((StatusCode::CREATED, Json(job)))
-}
-
-/// Polls the job until it is final, the wait is over or the server shuts down. Starts fast
-/// (a cache hit is done within milliseconds) and backs off to 50 ms.
-async fn wait_until_final(s: &AppState, mut job: Job, wait: Duration) -> Result<Job, ApiError> {
     let deadline = tokio::time::Instant::now() + wait;
-    let mut delay = Duration::from_millis(1);
-    while !job.status.is_final() && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = s.shutdown.cancelled() => break,
-        }
-        delay = (delay * 2).min(Duration::from_millis(50));
-        job = s.registry.job(job.id).await?;
-    }
-    Ok(job)
+    let job = tokio::select! {
+        job = s.registry.wait_until_final(job.id, deadline) => job?,
+        // Shutting down: answer with the job as submitted rather than hold the exit up.
+        () = s.shutdown.cancelled() => job,
+    };
+    Ok((StatusCode::CREATED, Json(job)))
 }
 
 /// Lists builds, newest first; `tag` matches a build's selector or its datacenter's tags.
@@ -147,7 +138,20 @@ pub(super) async fn build_logs(
     let wait = Duration::from_secs(q.parse_num::<u64>("wait", 0)?.min(60));
     let job = build_job(&s, &id).await?;
     let deadline = tokio::time::Instant::now() + wait;
+    let mut scanned_at = None;
     loop {
+        // Lines, and the end of the build, arrive as events: rescan only after new ones.
+        let head = s.registry.state().last_event_seq().await.map_err(RegistryError::from)?;
+        if scanned_at == Some(head) {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = s.shutdown.cancelled() => {}
+            }
+            if tokio::time::Instant::now() < deadline && !s.shutdown.is_cancelled() {
+                continue;
+            }
+        }
+        scanned_at = Some(head);
         let (lines, job) = s.registry.build_log(job.id, after, limit).await?;
         let final_now = job.status.is_final();
         let expired = tokio::time::Instant::now() >= deadline || s.shutdown.is_cancelled();
