@@ -90,6 +90,9 @@ pub enum BusError {
     UnknownReceipt(String),
 }
 
+/// How long a cancel request is remembered: far longer than any job stays on the bus.
+pub const CANCEL_REQUEST_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// `from + duration`, saturating a century ahead instead of panicking on absurd durations.
 pub(crate) fn instant_after(
     from: tokio::time::Instant,
@@ -141,6 +144,14 @@ pub trait Bus: Send + Sync + Debug {
 
     /// Renews the lease of a job the worker is still running.
     async fn extend_job(&self, delivery: &Delivery) -> Result<(), BusError>;
+
+    /// Asks whoever runs (or will run) job `job_id` to stop it. The request outlives the job's
+    /// time on the bus by [`CANCEL_REQUEST_TTL`], so a redelivery also sees it.
+    async fn request_cancel(&self, job_id: Uuid) -> Result<(), BusError>;
+
+    /// Whether a cancel was requested for `job_id`. Workers ask before starting a job and
+    /// then every few hundred milliseconds while it runs.
+    async fn cancel_requested(&self, job_id: Uuid) -> Result<bool, BusError>;
 
     /// Every job still on the bus, oldest first.
     async fn queued_jobs(&self) -> Result<Vec<QueuedJob>, BusError>;

@@ -3,19 +3,19 @@
 //! the state store at start-up.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     pin::pin,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
 use async_trait::async_trait;
-use ctpf_common::{NewEvent, WorkerIdentity};
+use ctpf_common::{NewEvent, Uuid, WorkerIdentity};
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
-    Bus, BusConfig, BusError, DeadLetter, Delivery, JobEnvelope, QueuedJob, ReportDelivery,
-    dead_letter_reason, dead_letter_report, instant_after,
+    Bus, BusConfig, BusError, CANCEL_REQUEST_TTL, DeadLetter, Delivery, JobEnvelope, QueuedJob,
+    ReportDelivery, dead_letter_reason, dead_letter_report, instant_after,
 };
 
 const JOB_RECEIPT_PREFIX: &str = "mem-job";
@@ -45,6 +45,8 @@ struct State {
     dead: Vec<DeadLetter>,
     next_report_slot: u64,
     reports: BTreeMap<u64, ReportSlot>,
+    /// Cancel requests by job, with when they are forgotten.
+    cancels: HashMap<Uuid, Instant>,
 }
 
 #[derive(Debug)]
@@ -300,6 +302,19 @@ impl Bus for MemoryBus {
                 holder.lease_until = instant_after(Instant::now(), config.lease);
             }
         })
+    }
+
+    async fn request_cancel(&self, job_id: Uuid) -> Result<(), BusError> {
+        let now = Instant::now();
+        let mut state = self.state();
+        state.cancels.retain(|_, forget_at| *forget_at > now);
+        state.cancels.insert(job_id, instant_after(now, CANCEL_REQUEST_TTL));
+        Ok(())
+    }
+
+    async fn cancel_requested(&self, job_id: Uuid) -> Result<bool, BusError> {
+        let now = Instant::now();
+        Ok(self.state().cancels.get(&job_id).is_some_and(|forget_at| *forget_at > now))
     }
 
     async fn queued_jobs(&self) -> Result<Vec<QueuedJob>, BusError> {

@@ -21,7 +21,7 @@ use std::{
 };
 
 use async_trait::async_trait;
-use ctpf_common::{NewEvent, TagSelector, WorkerIdentity};
+use ctpf_common::{NewEvent, TagSelector, Uuid, WorkerIdentity};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, RedisError, Script, Value,
     aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
@@ -30,8 +30,8 @@ use redis::{
 use tokio::time::Instant;
 
 use crate::{
-    Bus, BusConfig, BusError, DeadLetter, Delivery, JobEnvelope, QueuedJob, ReportDelivery,
-    dead_letter_reason, dead_letter_report, instant_after,
+    Bus, BusConfig, BusError, CANCEL_REQUEST_TTL, DeadLetter, Delivery, JobEnvelope, QueuedJob,
+    ReportDelivery, dead_letter_reason, dead_letter_report, instant_after,
 };
 
 const DEFAULT_NAMESPACE: &str = "ctpf";
@@ -137,6 +137,10 @@ impl Keys {
 
     fn reports(&self) -> String {
         format!("{}:reports", self.tag)
+    }
+
+    fn cancel(&self, job_id: Uuid) -> String {
+        format!("{}:cancel:{job_id}", self.tag)
     }
 
     fn jobs_prefix(&self) -> String {
@@ -775,6 +779,25 @@ impl Bus for RedisBus {
 
     async fn extend_job(&self, delivery: &Delivery) -> Result<(), BusError> {
         self.apply_receipt(delivery, "extend", 0).await
+    }
+
+    async fn request_cancel(&self, job_id: Uuid) -> Result<(), BusError> {
+        let () = redis::cmd("SET")
+            .arg(self.keys.cancel(job_id))
+            .arg(1)
+            .arg("EX")
+            .arg(CANCEL_REQUEST_TTL.as_secs())
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn cancel_requested(&self, job_id: Uuid) -> Result<bool, BusError> {
+        let exists: bool = redis::cmd("EXISTS")
+            .arg(self.keys.cancel(job_id))
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(exists)
     }
 
     async fn queued_jobs(&self) -> Result<Vec<QueuedJob>, BusError> {

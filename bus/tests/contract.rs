@@ -344,6 +344,22 @@ async fn reports_are_at_least_once(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
+async fn cancel_requests_reach_every_handle(backend: &dyn Backend) -> Result<()> {
+    let buses = backend.buses(config(Duration::from_secs(60), 3), 2).await?;
+    let (cancelled, other) = (job(""), job(""));
+    buses[0].enqueue_job(&cancelled).await?;
+    assert!(!buses[1].cancel_requested(cancelled.job_id).await?);
+    buses[0].request_cancel(cancelled.job_id).await?;
+    // Asking twice is harmless.
+    buses[0].request_cancel(cancelled.job_id).await?;
+    assert!(buses[1].cancel_requested(cancelled.job_id).await?);
+    assert!(!buses[1].cancel_requested(other.job_id).await?);
+    // A job never enqueued can be cancelled too (the manager may ask before it is on the bus).
+    buses[1].request_cancel(other.job_id).await?;
+    assert!(buses[0].cancel_requested(other.job_id).await?);
+    Ok(())
+}
+
 async fn rejects_unknown_receipts(backend: &dyn Backend) -> Result<()> {
     let bus = backend.bus(config(Duration::from_secs(60), 3)).await?;
     for receipt in ["", "garbage", "1-0", "mem-job:7:1", "{contract}:jobs:*\n1-0\n1\nw1"] {
@@ -387,6 +403,7 @@ contract!(
     dead_letters_after_lost_holders,
     waiting_worker_wakes_on_enqueue,
     reports_are_at_least_once,
+    cancel_requests_reach_every_handle,
     rejects_unknown_receipts,
 );
 

@@ -114,6 +114,15 @@ pub enum EventBody {
         job_id: Uuid,
         reason: String,
     },
+    /// Someone asked for the job to stop.
+    JobCancelRequested {
+        job_id: Uuid,
+    },
+    /// The worker running the job stopped it on request (or saw the request before starting).
+    JobCancelled {
+        job_id: Uuid,
+        worker: String,
+    },
     WorkerStarted {
         worker: String,
     },
@@ -140,6 +149,8 @@ impl EventBody {
             EventBody::JobFailed { .. } => "job_failed",
             EventBody::BuildLog { .. } => "build_log",
             EventBody::JobDeadLettered { .. } => "job_dead_lettered",
+            EventBody::JobCancelRequested { .. } => "job_cancel_requested",
+            EventBody::JobCancelled { .. } => "job_cancelled",
             EventBody::WorkerStarted { .. } => "worker_started",
         }
     }

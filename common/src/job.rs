@@ -44,11 +44,31 @@ pub enum JobStatus {
     Failed,
     /// Given up after too many deliveries (e.g. every worker that took it died).
     DeadLettered,
+    /// Stopped on request (`POST /v1/jobs/{id}/cancel`), before or while it ran.
+    Cancelled,
 }
 
 impl JobStatus {
+    /// The name as it appears in JSON.
+    pub fn label(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::DeadLettered => "dead_lettered",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_final(self) -> bool {
-        matches!(self, JobStatus::Succeeded | JobStatus::Failed | JobStatus::DeadLettered)
+        matches!(
+            self,
+            JobStatus::Succeeded
+                | JobStatus::Failed
+                | JobStatus::DeadLettered
+                | JobStatus::Cancelled
+        )
     }
 }
 
@@ -73,6 +93,9 @@ pub struct Job {
     pub worker: Option<String>,
     /// Why it failed or was dead-lettered.
     pub error: Option<String>,
+    /// A cancel was asked for while it ran; the worker stops it at its next check.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cancel_requested: bool,
     /// What a succeeded build made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<crate::BuildManifest>,
@@ -98,10 +121,31 @@ impl Job {
             attempts: 0,
             worker: None,
             error: None,
+            cancel_requested: false,
             manifest: None,
             first_event_seq: 0,
             created_at: now,
             updated_at: now,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::JobStatus;
+
+    #[test]
+    fn status_labels_match_json() {
+        for status in [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Succeeded,
+            JobStatus::Failed,
+            JobStatus::DeadLettered,
+            JobStatus::Cancelled,
+        ] {
+            let json = serde_json::to_value(status).expect("a status serializes");
+            assert_eq!(json, status.label());
         }
     }
 }

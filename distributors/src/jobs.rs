@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use ctpf_builders::{BuildLog, Builder};
+use ctpf_builders::{BuildError, BuildLog, Builder};
 use ctpf_bus::{Bus, BusError, Delivery};
 use ctpf_common::{
     BuildLogLine, BuildManifest, BuildRequest, EventBody, JobSpec, Name, NewEvent, Uuid,
@@ -12,6 +12,9 @@ use ctpf_common::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// How often a running job checks whether someone asked for it to stop.
+const CANCEL_POLL: Duration = Duration::from_millis(500);
 
 /// Log lines go to the manager in batches of at most this many lines...
 const LOG_BATCH_LINES: usize = 200;
@@ -40,11 +43,25 @@ impl WorkerConfig {
     }
 }
 
-/// Why a job failed, and whether another attempt could succeed.
+/// Why a job did not succeed, and whether another attempt could.
 #[derive(Debug)]
-struct JobFailure {
-    message: String,
-    retryable: bool,
+enum JobFailure {
+    Failed {
+        message: String,
+        retryable: bool,
+    },
+    /// Stopped because a cancel was requested.
+    Cancelled,
+}
+
+impl JobFailure {
+    fn failed(message: impl Into<String>, retryable: bool) -> Self {
+        JobFailure::Failed { message: message.into(), retryable }
+    }
+
+    fn is_retryable(&self) -> bool {
+        matches!(self, JobFailure::Failed { retryable: true, .. })
+    }
 }
 
 /// Runs jobs until `shutdown` is cancelled. Jobs already running when shutdown comes are
@@ -107,41 +124,56 @@ async fn run_one(config: &WorkerConfig, bus: &dyn Bus, delivery: Delivery) {
     )
     .await;
 
-    let outcome = {
-        let work = execute(config, bus, job_id, datacenter.clone(), &delivery.job.spec);
-        tokio::pin!(work);
-        let mut renew = tokio::time::interval(config.lease / 3);
-        renew.tick().await;
-        loop {
-            tokio::select! {
-                outcome = &mut work => break outcome,
-                _ = renew.tick() => {
-                    if let Err(e) = bus.extend_job(&delivery).await {
-                        tracing::warn!(%job_id, error = %e, "could not renew the job's lease");
+    let cancel = CancellationToken::new();
+    let outcome = match bus.cancel_requested(job_id).await {
+        Ok(true) => Err(JobFailure::Cancelled),
+        // Unknown (the bus is down): run it; the watch below keeps asking.
+        Ok(false) | Err(_) => {
+            let work =
+                execute(config, bus, job_id, datacenter.clone(), &delivery.job.spec, &cancel);
+            tokio::pin!(work);
+            let mut renew = tokio::time::interval(config.lease / 3);
+            renew.tick().await;
+            let mut watch = tokio::time::interval(CANCEL_POLL);
+            loop {
+                tokio::select! {
+                    outcome = &mut work => break outcome,
+                    _ = renew.tick() => {
+                        if let Err(e) = bus.extend_job(&delivery).await {
+                            tracing::warn!(%job_id, error = %e, "could not renew the job's lease");
+                        }
+                    }
+                    _ = watch.tick(), if !cancel.is_cancelled() => {
+                        if let Ok(true) = bus.cancel_requested(job_id).await {
+                            tracing::info!(%job_id, "cancel requested; stopping the job");
+                            cancel.cancel();
+                        }
                     }
                 }
             }
         }
     };
 
+    let worker_id = worker.id.clone();
     let body = match &outcome {
         Ok(manifest) => EventBody::JobSucceeded {
             job_id,
-            worker: worker.id.clone(),
+            worker: worker_id,
             manifest: manifest.clone().map(Box::new),
         },
-        Err(f) => EventBody::JobFailed {
+        Err(JobFailure::Cancelled) => EventBody::JobCancelled { job_id, worker: worker_id },
+        Err(JobFailure::Failed { message, retryable }) => EventBody::JobFailed {
             job_id,
-            worker: worker.id.clone(),
-            error: f.message.clone(),
-            will_retry: f.retryable,
+            worker: worker_id,
+            error: message.clone(),
+            will_retry: *retryable,
         },
     };
     // Report before acknowledging: if we die in between, the job is redelivered and reported
     // again (at least once), never finished without a report.
     report(bus, &NewEvent::new(datacenter, body)).await;
     let settled = match outcome {
-        Err(f) if f.retryable => bus.retry_job(&delivery).await,
+        Err(f) if f.is_retryable() => bus.retry_job(&delivery).await,
         _ => bus.ack_job(&delivery).await,
     };
     if let Err(e) = settled {
@@ -155,23 +187,24 @@ async fn execute(
     job_id: Uuid,
     datacenter: Option<Name>,
     spec: &JobSpec,
+    cancel: &CancellationToken,
 ) -> Result<Option<BuildManifest>, JobFailure> {
     match spec {
         JobSpec::Probe { sleep_ms, fail } => {
-            tokio::time::sleep(Duration::from_millis(*sleep_ms)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(*sleep_ms)) => {}
+                () = cancel.cancelled() => return Err(JobFailure::Cancelled),
+            }
             if *fail {
-                return Err(JobFailure { message: "probe asked to fail".into(), retryable: false });
+                return Err(JobFailure::failed("probe asked to fail", false));
             }
             Ok(None)
         }
         JobSpec::Build { request, .. } => {
             let Some(builder) = &config.builder else {
-                return Err(JobFailure {
-                    message: "this worker has no builder role".into(),
-                    retryable: true,
-                });
+                return Err(JobFailure::failed("this worker has no builder role", true));
             };
-            run_build(builder, bus, job_id, datacenter, request).await.map(Some)
+            run_build(builder, bus, job_id, datacenter, request, cancel.clone()).await.map(Some)
         }
     }
 }
@@ -184,9 +217,10 @@ async fn run_build(
     job_id: Uuid,
     datacenter: Option<Name>,
     request: &BuildRequest,
+    cancel: CancellationToken,
 ) -> Result<BuildManifest, JobFailure> {
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let build = builder.build(request, CancellationToken::new(), BuildLog::new(tx));
+    let build = builder.build(request, cancel, BuildLog::new(tx));
     tokio::pin!(build);
     let mut batch: Vec<BuildLogLine> = Vec::new();
     let mut flush_at = tokio::time::Instant::now() + LOG_BATCH_WAIT;
@@ -214,7 +248,10 @@ async fn run_build(
         }
     }
     send_log(bus, job_id, &datacenter, &mut batch).await;
-    result.map_err(|e| JobFailure { retryable: e.is_retryable(), message: e.to_string() })
+    result.map_err(|e| match e {
+        BuildError::Cancelled => JobFailure::Cancelled,
+        e => JobFailure::failed(e.to_string(), e.is_retryable()),
+    })
 }
 
 async fn send_log(

@@ -105,6 +105,8 @@ pub enum BuildsCmd {
         #[arg(long, short)]
         follow: bool,
     },
+    /// Stop a queued or running build (its whole process group is killed).
+    Cancel { id: String },
 }
 
 /// Files named on the command line are read here, paths for the builder made absolute.
@@ -294,5 +296,6 @@ pub async fn builds(cli: &Cli, cmd: &BuildsCmd) -> Result<()> {
             show(cli, &job)
         }
         BuildsCmd::Logs { id, follow } => print_log(&api, id, *follow).await,
+        BuildsCmd::Cancel { id } => crate::cli::cancel_job(cli, &api, id).await,
     }
 }

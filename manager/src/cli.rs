@@ -306,6 +306,8 @@ pub enum JobsCmd {
         #[arg(long)]
         fail: bool,
     },
+    /// Stop a queued or running job.
+    Cancel { id: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -764,7 +766,22 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> Result<()> {
             }
             Ok(())
         }
+        JobsCmd::Cancel { id } => cancel_job(cli, &api, id).await,
     }
+}
+
+/// Asks the manager to stop job `id` and says what happens next.
+pub(crate) async fn cancel_job(cli: &Cli, api: &ApiClient, id: &str) -> Result<()> {
+    let id: uuid::Uuid = id.parse().with_context(|| format!("{id:?} is not a job id"))?;
+    let job: Job = api.post(&format!("/v1/jobs/{id}/cancel"), &serde_json::json!({})).await?;
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&job)?);
+    } else if job.status.is_final() {
+        println!("job {id} cancelled before a worker started it");
+    } else {
+        println!("job {id}: cancel requested; its worker stops it within a second");
+    }
+    Ok(())
 }
 
 async fn events(cli: &Cli, args: &EventsArgs) -> Result<()> {

@@ -373,6 +373,31 @@ async fn jobs_and_events_round_trip() {
     assert_eq!(count(&list("/v1/events?after=3&wait=1").await.1), 0);
 }
 
+#[tokio::test]
+async fn a_queued_job_is_cancelled_at_once_and_only_once() {
+    let api = api().await;
+    // No worker runs in this test, so the job stays queued.
+    let new = json!({"spec": {"kind": "probe", "sleep_ms": 60000}});
+    let (_, job) = api.call(Method::POST, "/v1/jobs", Some(new)).await;
+    let cancel = format!("/v1/jobs/{}/cancel", job["id"].as_str().unwrap());
+    let (status, cancelled) = api.call(Method::POST, &cancel, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{cancelled}");
+    assert_eq!(cancelled["status"], "cancelled");
+    assert_eq!(cancelled["cancel_requested"], true);
+    let (status, again) = api.call(Method::POST, &cancel, None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{again}");
+    assert!(again["error"]["message"].as_str().unwrap().contains("already cancelled"), "{again}");
+    let unknown = format!("/v1/jobs/{}/cancel", ctpf_common::Uuid::nil());
+    assert_eq!(api.call(Method::POST, &unknown, None).await.0, StatusCode::NOT_FOUND);
+    assert_eq!(
+        api.call(Method::POST, "/v1/jobs/nope/cancel", None).await.0,
+        StatusCode::BAD_REQUEST
+    );
+    let (_, events) = api.call(Method::GET, "/v1/events", None).await;
+    let last = events.as_array().unwrap().last().unwrap();
+    assert_eq!(last["type"], "job_cancel_requested");
+}
+
 /// The checked-in OpenAPI document must match what the router implements. After an
 /// intended API change, regenerate it with `UPDATE_OPENAPI=1 cargo test -p ctpf --test api`.
 #[tokio::test]

@@ -543,6 +543,43 @@ impl Registry {
         }
     }
 
+    /// Asks for job `id` to stop. The request goes on the bus first, so a worker that takes or
+    /// holds the job sees it; a job no worker has taken yet is final at once (a worker that
+    /// takes it later only drops it). A finished job cannot be cancelled.
+    pub async fn cancel_job(&self, id: Uuid) -> Result<Job, RegistryError> {
+        let key = id.to_string();
+        loop {
+            let Some((mut job, version)) = self.get::<Job>(Table::Jobs, &key).await? else {
+                return Err(RegistryError::NotFound { kind: "job", id: key });
+            };
+            if job.status.is_final() {
+                return Err(RegistryError::Refused(format!(
+                    "job {id} is already {} and cannot be cancelled",
+                    job.status.label()
+                )));
+            }
+            self.bus.request_cancel(id).await?;
+            if job.status == JobStatus::Queued {
+                job.status = JobStatus::Cancelled;
+                job.error = Some("cancelled before a worker started it".into());
+            }
+            job.cancel_requested = true;
+            job.updated_at = now();
+            let event = NewEvent::new(
+                selector_datacenter(&job),
+                EventBody::JobCancelRequested { job_id: id },
+            );
+            let commit = Commit::new()
+                .write(Write::put(Table::Jobs, &key, encode(&job)?, Precondition::Version(version)))
+                .event(event);
+            match self.state.commit(commit).await {
+                Ok(_) => return Ok(job),
+                Err(StateError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     pub async fn job(&self, id: Uuid) -> Result<Job, RegistryError> {
         self.get(Table::Jobs, &id.to_string())
             .await?
@@ -591,6 +628,13 @@ impl Registry {
             EventBody::JobDeadLettered { job_id, reason } => {
                 (*job_id, JobStatus::DeadLettered, None, Some(reason.clone()), None)
             }
+            EventBody::JobCancelled { job_id, worker } => (
+                *job_id,
+                JobStatus::Cancelled,
+                Some(worker.clone()),
+                Some("cancelled on request".into()),
+                None,
+            ),
             _ => {
                 let done = self.state.commit(Commit::new().event(report)).await?;
                 return Ok(done.events.into_iter().next());

@@ -218,3 +218,60 @@ fn grub_gets_the_managers_entry_config_by_default() {
     ]);
     assert!(both.contains("cannot be used with"), "{both}");
 }
+
+#[test]
+fn a_running_build_is_cancelled_with_its_process_group() {
+    let up = start_up();
+    let source = fixture();
+    let token = std::fs::read_to_string(up.data.join("admin.token")).unwrap();
+    // `ctpf build` follows the build's log until it ends, as a user's terminal would.
+    let follower = std::process::Command::new(ctpf_e2e::ctpf_binary().unwrap())
+        .args(["build", "ipxe", "--source", source.to_str().unwrap()])
+        .args(["--target", "bin/ipxe.lkrn", "--option", "FIXTURE_SLOW"])
+        .env("CTPF_API", up.process.api())
+        .env("CTPF_TOKEN", token.trim())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Wait until make is really sleeping inside the build.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let id = loop {
+        assert!(std::time::Instant::now() < deadline, "the build never started");
+        let list: Value = serde_json::from_str(&up.ok(&["builds", "list", "--json"])).unwrap();
+        if let Some(build) = list.as_array().unwrap().first() {
+            let id = build["id"].as_str().unwrap().to_owned();
+            if up.ok(&["builds", "logs", &id]).contains("slow build, sleeping") {
+                break id;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    assert!(sleeping_fixtures() > 0, "the fixture's sleep is not running");
+
+    let said = up.ok(&["builds", "cancel", &id]);
+    assert!(said.contains("cancel requested"), "{said}");
+    let out = follower.wait_with_output().unwrap();
+    let shown =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a cancelled build exits non-zero:\n{shown}");
+    assert!(shown.contains("cancelled"), "{shown}");
+    let job: Value = serde_json::from_str(&up.ok(&["builds", "show", &id, "--json"])).unwrap();
+    assert_eq!(job["status"], "cancelled", "{job}");
+    // The whole process group went with it: no orphaned sleep keeps running.
+    assert_eq!(sleeping_fixtures(), 0, "the fixture's sleep outlived the cancel");
+
+    // A finished build cannot be cancelled again; a malformed id is refused by the CLI.
+    let again = up.fails(&["builds", "cancel", &id]);
+    assert!(again.contains("already cancelled") && again.contains("409"), "{again}");
+    let bad = up.fails(&["builds", "cancel", "../../etc"]);
+    assert!(bad.contains("not a job id"), "{bad}");
+}
+
+/// How many processes run the fixture's slow-build sleep.
+fn sleeping_fixtures() -> usize {
+    let out = std::process::Command::new("pgrep").args(["-fx", "sleep 3217"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}

@@ -82,6 +82,7 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(download_blob))
         .routes(routes!(list_jobs, submit_job))
         .routes(routes!(get_job))
+        .routes(routes!(cancel_job))
         .routes(routes!(builds::list_builds, builds::submit_build))
         .routes(routes!(builds::get_build))
         .routes(routes!(builds::build_logs))
@@ -438,6 +439,19 @@ async fn submit_job(
     responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
 async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     Ok(Json(s.registry.job(parse_uuid("id", &id)?).await?))
+}
+
+/// Asks a queued or running job to stop. A queued job is cancelled at once; a running one
+/// shows `cancel_requested` until its worker stops it (within a second) and reports
+/// `cancelled`. A finished job gets 409.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 202, body = Job), (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody)))]
+async fn cancel_job(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<Job>), ApiError> {
+    Ok((StatusCode::ACCEPTED, Json(s.registry.cancel_job(parse_uuid("id", &id)?).await?)))
 }
 
 // ---- enrollment ----
