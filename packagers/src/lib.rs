@@ -1,1 +1,10 @@
-//! Placeholder until its issue lands; see ARCHITECTURE.md.
+//! Packagers: boot media written by ctpf itself, so packaging runs anywhere (no xorriso,
+//! mtools or mkfs at run time).
+//!
+//! - [`iso9660`]: hybrid ISO 9660 images (Rock Ridge, El Torito BIOS + UEFI, isohybrid MBR);
+//! - [`fat`]: FAT file system images (EFI system partitions, Raspberry Pi boot partitions);
+//! - [`mbr`]: MBR partition entries.
+
+pub mod fat;
+pub mod iso9660;
+pub mod mbr;
