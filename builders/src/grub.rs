@@ -93,7 +93,10 @@ impl GrubTarget {
     pub fn modules(self) -> Vec<&'static str> {
         let mut modules = NETBOOT_MODULES.to_vec();
         match self {
-            Self::X86_64Efi | Self::Arm64Efi => modules.push("efinet"),
+            // The disk modules let the same image boot from ctpf media (ISO, USB stick).
+            Self::X86_64Efi | Self::Arm64Efi => {
+                modules.extend(["efinet", "part_msdos", "part_gpt", "iso9660", "fat", "search"])
+            }
             // linux16 loads ipxe.lkrn when the image chainloads iPXE.
             Self::I386PcPxe => modules.extend(["pxe", "biosdisk", "part_msdos", "linux16"]),
             Self::I386PcEltorito => modules.extend([

@@ -3,8 +3,10 @@
 //!
 //! - [`iso9660`]: hybrid ISO 9660 images (Rock Ridge, El Torito BIOS + UEFI, isohybrid MBR);
 //! - [`fat`]: FAT file system images (EFI system partitions, Raspberry Pi boot partitions);
-//! - [`mbr`]: MBR partition entries.
+//! - [`mbr`]: MBR partition entries;
+//! - [`media`]: the layout and boot configs of ctpf's boot media.
 
 pub mod fat;
 pub mod iso9660;
 pub mod mbr;
+pub mod media;

@@ -119,6 +119,29 @@ pub struct VmSpec {
     pub nic_rom: bool,
 }
 
+/// How a VM sees a boot medium.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Media {
+    Cdrom,
+    /// A USB mass-storage disk on an xHCI controller.
+    UsbStick,
+}
+
+/// Adds the firmware to `cmd`: nothing for SeaBIOS (QEMU's default), OVMF's code and a
+/// private copy of its variable store for UEFI (kept alive by the returned file).
+fn firmware_vars(cmd: &mut Command, firmware: Firmware) -> Result<Option<tempfile::NamedTempFile>> {
+    match firmware {
+        Firmware::Bios => Ok(None),
+        Firmware::Uefi => {
+            let vars = tempfile::NamedTempFile::new()?;
+            std::fs::copy(OVMF_VARS, vars.path()).context("copying OVMF vars (apt ovmf)")?;
+            cmd.args(["-drive", &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}")])
+                .args(["-drive", &format!("if=pflash,format=raw,file={}", vars.path().display())]);
+            Ok(Some(vars))
+        }
+    }
+}
+
 /// A running VM; killed on drop. Its serial console goes to a file.
 #[derive(Debug)]
 pub struct Vm {
@@ -139,22 +162,47 @@ impl Vm {
         let rom = if spec.nic_rom { "" } else { ",romfile=" };
         let device = format!("{},netdev=n0,mac={}{rom},bootindex=1", spec.nic, spec.mac);
         cmd.args(["-device", &device]);
-        let vars = match spec.firmware {
-            Firmware::Bios => {
-                cmd.args(["-boot", "n"]);
-                None
+        if spec.firmware == Firmware::Bios {
+            cmd.args(["-boot", "n"]);
+        }
+        let vars = firmware_vars(&mut cmd, spec.firmware)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-system-x86_64 (apt qemu-system-x86)")?;
+        Ok(Self { child, serial, _vars: vars })
+    }
+
+    /// Boots `image` as a CD or a USB stick, with QEMU's user-mode network: the guest
+    /// reaches the host's loopback as 10.0.2.2 and nothing else is exposed.
+    pub fn boot_media(
+        firmware: Firmware,
+        media: Media,
+        image: &std::path::Path,
+        mac: &str,
+        serial: PathBuf,
+    ) -> Result<Self> {
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-accel", "tcg", "-m", "1024", "-nographic", "-monitor", "none"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .args(["-netdev", "user,id=n0"])
+            // No NIC boot ROM: the medium is the only way to boot.
+            .args(["-device", &format!("virtio-net-pci,netdev=n0,mac={mac},romfile=")]);
+        let drive = format!("if=none,id=media,format=raw,readonly=on,file={}", image.display());
+        match media {
+            Media::Cdrom => {
+                cmd.args(["-drive", &drive]).args(["-device", "ide-cd,drive=media,bootindex=0"]);
             }
-            Firmware::Uefi => {
-                let vars = tempfile::NamedTempFile::new()?;
-                std::fs::copy(OVMF_VARS, vars.path()).context("copying OVMF vars (apt ovmf)")?;
-                cmd.args(["-drive", &format!("if=pflash,format=raw,readonly=on,file={OVMF_CODE}")])
-                    .args([
-                        "-drive",
-                        &format!("if=pflash,format=raw,file={}", vars.path().display()),
-                    ]);
-                Some(vars)
+            Media::UsbStick => {
+                cmd.args(["-device", "qemu-xhci"])
+                    .args(["-drive", &drive])
+                    .args(["-device", "usb-storage,drive=media,bootindex=0"]);
             }
-        };
+        }
+        let vars = firmware_vars(&mut cmd, firmware)?;
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
