@@ -3,9 +3,11 @@
 //!
 //! - [`iso9660`]: hybrid ISO 9660 images (Rock Ridge, El Torito BIOS + UEFI, isohybrid MBR);
 //! - [`fat`]: FAT file system images (EFI system partitions, Raspberry Pi boot partitions);
+//! - [`disk`]: raw disk images (GPT + ESP for UEFI USB sticks);
 //! - [`mbr`]: MBR partition entries;
 //! - [`media`]: the layout and boot configs of ctpf's boot media.
 
+pub mod disk;
 pub mod fat;
 pub mod iso9660;
 pub mod mbr;

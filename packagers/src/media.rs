@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    fat::{self, FatKind, FatSpec},
+    fat::{self, FatKind, FatPlan, FatSpec},
     iso9660::{BiosBoot, IsoPlan, IsoSpec, Source},
 };
 
@@ -181,6 +181,34 @@ pub fn hybrid_iso(files: &BootFiles, config: &MediaConfig) -> Result<IsoPlan, Me
         efi_boot,
         hybrid_mbr,
         disk_signature: config.serial,
+    })?)
+}
+
+/// The UEFI USB stick: one FAT32 ESP holding the GRUB loaders, the medium's GRUB config and
+/// the discovery image (written into a GPT disk by [`crate::disk::write_gpt_esp`]).
+pub fn usb_esp(files: &BootFiles, config: &MediaConfig) -> Result<FatPlan, MediaError> {
+    check_kernel_words(&config.kernel_words)?;
+    if files.efi_x86_64.is_none() && files.efi_arm64.is_none() {
+        return Err(MediaError::Missing("a UEFI (GRUB) loader"));
+    }
+    let mut esp = BTreeMap::new();
+    if let Some(x64) = &files.efi_x86_64 {
+        esp.insert("EFI/BOOT/BOOTX64.EFI".to_owned(), x64.clone());
+    }
+    if let Some(aa64) = &files.efi_arm64 {
+        esp.insert("EFI/BOOT/BOOTAA64.EFI".to_owned(), aa64.clone());
+    }
+    esp.insert("boot/vmlinuz".to_owned(), files.kernel.clone());
+    esp.insert("boot/initrd.img".to_owned(), files.initrd.clone());
+    esp.insert(GRUB_CONFIG_PATH.to_owned(), Source::Bytes(grub_cfg(config).into_bytes()));
+    Ok(FatPlan::new(&FatSpec {
+        label: "CTPF_BOOT".into(),
+        volume_id: config.serial,
+        timestamp: config.timestamp,
+        kind: FatKind::Fat32,
+        size: None,
+        hidden_sectors: crate::disk::ALIGN_SECTORS as u32,
+        files: esp,
     })?)
 }
 

@@ -7,7 +7,8 @@
 use std::{collections::BTreeMap, path::Path, process::Command};
 
 use ctpf_packagers::{
-    fat::{self, FatKind, FatSpec},
+    disk,
+    fat::{self, FatKind, FatPlan, FatSpec},
     iso9660::{BiosBoot, IsoPlan, IsoSpec, Source},
 };
 
@@ -211,4 +212,54 @@ fn two_runs_give_identical_bytes() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let (first, second) = (write_iso(a.path()), write_iso(b.path()));
     assert_eq!(std::fs::read(first).unwrap(), std::fs::read(second).unwrap());
+}
+
+#[test]
+fn the_gpt_stick_image_passes_sgdisk_and_fsck_and_is_reproducible() {
+    let dir = tempfile::tempdir().unwrap();
+    let files: BTreeMap<String, Source> = [
+        ("EFI/BOOT/BOOTX64.EFI", vec![1u8; 600_000]),
+        ("boot/vmlinuz", vec![2u8; 3_000_000]),
+        ("ctpf/grub.cfg", b"linux /boot/vmlinuz\n".to_vec()),
+    ]
+    .into_iter()
+    .map(|(p, b)| (p.to_owned(), Source::Bytes(b)))
+    .collect();
+    let esp = FatPlan::new(&FatSpec {
+        label: "CTPF_BOOT".into(),
+        volume_id: 7,
+        timestamp: 1_700_000_000,
+        kind: FatKind::Fat32,
+        size: None,
+        hidden_sectors: disk::ALIGN_SECTORS as u32,
+        files,
+    })
+    .unwrap();
+    let (first, second) = (dir.path().join("a.img"), dir.path().join("b.img"));
+    let size = disk::write_gpt_esp(&first, &esp, 0xC7F0_0003).unwrap();
+    disk::write_gpt_esp(&second, &esp, 0xC7F0_0003).unwrap();
+    let bytes = std::fs::read(&first).unwrap();
+    assert_eq!(bytes.len() as u64, size);
+    assert_eq!(bytes, std::fs::read(&second).unwrap(), "same inputs, same bytes");
+
+    let verify = run(Command::new("sgdisk").args(["-v", first.to_str().unwrap()]));
+    assert!(verify.contains("No problems found"), "{verify}");
+    let info = run(Command::new("sgdisk").args(["-i", "1", first.to_str().unwrap()]));
+    assert!(info.contains("C12A7328-F81F-11D2-BA4B-00A0C93EC93B"), "EFI System type:\n{info}");
+    assert!(info.contains("First sector: 2048"), "{info}");
+    let table = run(Command::new("sfdisk").args(["-d", first.to_str().unwrap()]));
+    assert!(table.contains("label: gpt") && table.contains("name=\"ctpf-efi\""), "{table}");
+
+    let start = (disk::ALIGN_SECTORS * 512) as usize;
+    let part = dir.path().join("esp.img");
+    std::fs::write(&part, &bytes[start..start + esp.size() as usize]).unwrap();
+    run(Command::new("fsck.fat").args(["-n", part.to_str().unwrap()]));
+    let out = dir.path().join("grub.cfg");
+    run(Command::new("mcopy").args([
+        "-i",
+        part.to_str().unwrap(),
+        "::/ctpf/grub.cfg",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(std::fs::read(out).unwrap(), b"linux /boot/vmlinuz\n");
 }
