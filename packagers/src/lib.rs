@@ -1,1 +1,4 @@
-//! Placeholder until its issue lands; see ARCHITECTURE.md.
+//! Packagers: boot media. [`flash`] writes an image to a USB stick, an SD card, a loop device
+//! or a file and verifies it by reading it back.
+
+pub mod flash;
