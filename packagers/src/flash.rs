@@ -442,6 +442,13 @@ mod blkdev {
     }
 }
 
+/// [`check`] on a fresh [`SystemSnapshot`] of `target`, as [`FlashError::Refused`].
+pub fn check_target(target: &Target, force: bool) -> Result<(), FlashError> {
+    let snapshot = SystemSnapshot::gather(target)?;
+    check(&snapshot, force)
+        .map_err(|reason| FlashError::Refused { target: target.path.clone(), reason })
+}
+
 /// What will be written to.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -449,9 +456,11 @@ pub struct Target {
     pub kind: TargetKind,
     /// The block device's number (`None` for a regular file).
     pub device: Option<DevNum>,
-    /// The device's size; `None` for regular files, which grow to the image.
+    /// The device's size, once [`Plan::new`] has measured it (`BLKGETSIZE64`); `None` for
+    /// regular files, which grow to the image.
     pub size: Option<u64>,
-    /// The unit of `O_DIRECT` writes: the device's logical block size, or a page for files.
+    /// The unit of `O_DIRECT` writes: the device's logical block size (`BLKSSZGET`, measured
+    /// by [`Plan::new`]), or a page for files.
     pub block_size: u32,
     /// Whether the target exists already (a missing regular file is created).
     pub exists: bool,
@@ -464,8 +473,8 @@ pub struct Target {
 }
 
 impl Target {
-    /// Finds out what `path` is. A missing path becomes a new regular file, except under
-    /// `/dev`, where it is a mistyped device name.
+    /// Finds out what `path` is from its metadata and sysfs, without opening it. A missing
+    /// path becomes a new regular file, except under `/dev`, where it is a mistyped device.
     pub fn inspect(path: &Path) -> Result<Self, FlashError> {
         let meta = match fs::metadata(path) {
             Ok(meta) => meta,
@@ -492,18 +501,14 @@ impl Target {
             return Err(FlashError::Unsupported { path: path.to_owned(), what });
         }
         let device = DevNum::from_dev_t(meta.rdev());
-        let open_error = |source| FlashError::Open { target: path.to_owned(), source };
-        let file = File::open(path).map_err(open_error)?;
-        let size = blkdev::size(&file).map_err(open_error)?;
-        let block_size = blkdev::logical_block_size(&file).map_err(open_error)?;
         let disk = sysfs_dir(device).map(|dir| disk_dir(&dir));
         let is_loop = disk.as_ref().is_some_and(|d| d.join("loop").is_dir());
         Ok(Self {
             path: path.to_owned(),
             kind: if is_loop { TargetKind::Loop } else { TargetKind::Disk },
             device: Some(device),
-            size: Some(size),
-            block_size: block_size.max(512),
+            size: None,
+            block_size: 512,
             exists: true,
             model: disk.as_ref().and_then(|d| read_trimmed(&d.join("device/model"))),
             backing_file: disk
@@ -603,9 +608,14 @@ impl Plan {
         if same_device || target.identity == Some((meta.dev(), meta.ino())) {
             return Err(FlashError::SameFile { path: target.path.clone() });
         }
-        let snapshot = SystemSnapshot::gather(&target)?;
-        check(&snapshot, force)
-            .map_err(|reason| FlashError::Refused { target: target.path.clone(), reason })?;
+        check_target(&target, force)?;
+        let mut target = target;
+        if target.kind != TargetKind::RegularFile {
+            let fail = |source| open_error(&target.path, source);
+            let device = File::open(&target.path).map_err(fail)?;
+            target.size = Some(blkdev::size(&device).map_err(fail)?);
+            target.block_size = blkdev::logical_block_size(&device).map_err(fail)?.max(512);
+        }
         if let Some(device_len) = target.size
             && image_len > device_len
         {
