@@ -40,8 +40,10 @@ pub struct FlashArgs {
 
 pub async fn flash(cli: &Cli, args: &FlashArgs) -> Result<()> {
     let (image, device) = match (&args.image_name, args.paths.as_slice()) {
-        (None, [image, device]) => (Some(image.clone()), device.clone()),
-        (Some(_), [device]) => (None, device.clone()),
+        (None, [image, device]) => (Source::File(image.clone()), device.clone()),
+        (Some(name), [device]) => {
+            (Source::Artifact(ArtifactName::parse("--image-name", name)?), device.clone())
+        }
         (None, _) => bail!("missing DEVICE: ctpf flash IMAGE DEVICE"),
         (Some(_), _) => {
             bail!("with --image-name, pass only DEVICE: ctpf flash --image-name NAME DEVICE")
@@ -57,11 +59,10 @@ pub async fn flash(cli: &Cli, args: &FlashArgs) -> Result<()> {
             device.display()
         );
     }
-    let mut _download_dir = None;
-    let image = match (image, &args.image_name) {
-        (Some(image), _) => image,
-        (None, Some(name)) => {
-            let name = ArtifactName::parse("--image-name", name)?;
+    // A download lives in a temporary directory until the flash is over.
+    let (image, label, _download_dir) = match image {
+        Source::File(path) => (path.clone(), path.display().to_string(), None),
+        Source::Artifact(name) => {
             let dir = tempfile::Builder::new()
                 .prefix("ctpf-flash-")
                 .tempdir()
@@ -69,33 +70,43 @@ pub async fn flash(cli: &Cli, args: &FlashArgs) -> Result<()> {
             let path = dir.path().join(name.as_str());
             let (size, digest) = download_artifact(&client(cli)?, &name, &path).await?;
             eprintln!("downloaded {name}: {size} bytes, {digest} verified");
-            _download_dir = Some(dir);
-            path
+            (path, format!("artifact {name}"), Some(dir))
         }
-        (None, None) => bail!("pass IMAGE or --image-name NAME"),
     };
     let (yes, force, json) = (args.yes, args.force, cli.json);
-    tokio::task::spawn_blocking(move || write_and_verify(&image, target, yes, force, json))
-        .await
-        .context("the flash task stopped")?
+    tokio::task::spawn_blocking(move || {
+        write_and_verify(&image, &label, target, Flags { yes, force, json })
+    })
+    .await
+    .context("the flash task stopped")?
 }
 
-fn write_and_verify(
-    image: &Path,
-    target: Target,
+/// Where the image comes from.
+#[derive(Debug)]
+enum Source {
+    File(PathBuf),
+    Artifact(ArtifactName),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Flags {
     yes: bool,
     force: bool,
     json: bool,
-) -> Result<()> {
-    let plan = Plan::new(image, target, force)?;
-    if !yes && plan.target().exists {
-        confirm(&plan, image)?;
+}
+
+/// Checks again (time has passed), asks, writes, verifies and reports. `label` names the
+/// image for people: its path, or the artifact it was downloaded from.
+fn write_and_verify(image: &Path, label: &str, target: Target, flags: Flags) -> Result<()> {
+    let plan = Plan::new(image, target, flags.force)?;
+    if !flags.yes && plan.target().exists {
+        confirm(&plan, label)?;
     }
     let device = plan.target().path.clone();
     let report = plan.execute(&mut Bars::default())?;
-    if json {
+    if flags.json {
         let summary = serde_json::json!({
-            "image": image,
+            "image": label,
             "device": device,
             "bytes": report.bytes,
             "sha256": report.digest,
@@ -136,7 +147,7 @@ fn rate(bytes: u64, time: Duration) -> String {
 }
 
 /// Says what will be erased and waits for "yes" on stdin.
-fn confirm(plan: &Plan, image: &Path) -> Result<()> {
+fn confirm(plan: &Plan, image: &str) -> Result<()> {
     let target = plan.target();
     let what = match target.kind {
         TargetKind::RegularFile => "file".to_owned(),
@@ -147,12 +158,12 @@ fn confirm(plan: &Plan, image: &Path) -> Result<()> {
         TargetKind::Disk => target.model.clone().unwrap_or_else(|| "disk".to_owned()),
     };
     let mut stderr = std::io::stderr().lock();
-    writeln!(stderr, "This erases everything on {} ({what}", target.path.display())?;
+    write!(stderr, "This erases everything on {} ({what}", target.path.display())?;
     if let Some(bytes) = target.size {
         write!(stderr, ", {}", size(bytes))?;
     }
     writeln!(stderr, ")")?;
-    writeln!(stderr, "and writes {} ({}) to it.", image.display(), size(plan.image_len()))?;
+    writeln!(stderr, "and writes {image} ({}) to it.", size(plan.image_len()))?;
     write!(stderr, "Type yes to continue: ")?;
     stderr.flush()?;
     let mut answer = String::new();

@@ -453,14 +453,11 @@ pub struct LoopDevice {
 }
 
 impl LoopDevice {
-    /// Attaches `file`; with `partitions`, the kernel is told to scan for partitions (`-P`).
-    pub fn attach(file: &Path, partitions: bool) -> Result<Self> {
-        let mut cmd = Command::new("losetup");
-        cmd.args(["--find", "--show"]);
-        if partitions {
-            cmd.arg("--partscan");
-        }
-        let output = cmd
+    /// Attaches `file` with extra `losetup` options (`--partscan`, `--direct-io=on`).
+    pub fn attach(file: &Path, options: &[&str]) -> Result<Self> {
+        let output = Command::new("losetup")
+            .args(["--find", "--show"])
+            .args(options)
             .arg(file)
             .stdin(Stdio::null())
             .output()

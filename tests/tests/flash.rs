@@ -79,7 +79,7 @@ fn flashing_a_loop_device_verifies_and_the_backing_file_holds_the_image() {
     let data = noise(9 << 20 | 777, 2);
     std::fs::write(&image, &data).unwrap();
     let (backing, before) = file(dir.path(), "disk.img", 16 << 20, 0xaa);
-    let device = LoopDevice::attach(&backing, false).unwrap();
+    let device = LoopDevice::attach(&backing, &[]).unwrap();
     let output = flash(&["--json", s(&image), s(device.path()), "--yes"]);
     succeeded(&output);
     let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
@@ -110,7 +110,7 @@ fn a_device_with_a_mounted_partition_is_refused_and_nothing_is_written() {
     let image = dir.path().join("image.img");
     std::fs::write(&image, noise(1 << 20, 3)).unwrap();
     let (backing, _) = file(dir.path(), "disk.img", 32 << 20, 0);
-    let device = LoopDevice::attach(&backing, true).unwrap();
+    let device = LoopDevice::attach(&backing, &["--partscan"]).unwrap();
     let mut sfdisk = Command::new("sfdisk");
     sfdisk.arg("--quiet").arg(device.path()).stdin(std::process::Stdio::piped());
     let mut child = sfdisk.spawn().expect("sfdisk (apt-get install fdisk)");
@@ -147,7 +147,7 @@ fn without_yes_and_without_a_terminal_it_refuses() {
     let image = dir.path().join("image.img");
     std::fs::write(&image, noise(4096, 4)).unwrap();
     let (backing, before) = file(dir.path(), "disk.img", 1 << 20, 0x55);
-    let device = LoopDevice::attach(&backing, false).unwrap();
+    let device = LoopDevice::attach(&backing, &[]).unwrap();
     // ctpf_cli gives the child /dev/null as stdin.
     let out = failed(&flash(&[s(&image), s(device.path())]));
     assert!(out.contains("stdin is not a terminal"), "{out}");
@@ -161,7 +161,7 @@ fn an_image_larger_than_the_device_is_refused() {
     let image = dir.path().join("image.img");
     std::fs::write(&image, noise((2 << 20) + 1, 5)).unwrap();
     let (backing, before) = file(dir.path(), "disk.img", 2 << 20, 0x11);
-    let device = LoopDevice::attach(&backing, false).unwrap();
+    let device = LoopDevice::attach(&backing, &[]).unwrap();
     let out = failed(&flash(&[s(&image), s(device.path()), "--yes"]));
     assert!(out.contains(&format!("is larger than {}", s(device.path()))), "{out}");
     assert!(out.contains("nothing was written"), "{out}");
