@@ -44,8 +44,8 @@ use sha2::{Digest as _, Sha256};
 
 /// Bytes per read and write: large enough that per-call overhead vanishes on USB sticks.
 const CHUNK: usize = 4 << 20;
-/// Buffers in flight between the reading thread and the writing one.
-const BUFFERS: usize = 3;
+/// Buffers in flight: one per stage (read, hash, write or count) and one spare.
+const BUFFERS: usize = 4;
 /// Buffer alignment and, for regular files, the `O_DIRECT` length granularity.
 const PAGE: usize = 4096;
 
@@ -643,20 +643,18 @@ impl Plan {
         let block = target.block_size as usize;
         let align = PAGE.max(block);
 
-        // Write: a reader thread fills and hashes buffers, this thread writes them.
+        // Write: one thread reads the image, one hashes it, this one writes.
         let started = Instant::now();
         progress.start(Phase::Write, image_len);
         let _ = posix_fadvise(&image, 0, 0, PosixFadviseAdvice::POSIX_FADV_SEQUENTIAL);
-        let mut image_hash = Sha256::new();
         let mut read = 0u64;
         let mut written = 0u64;
-        pipeline(
+        let image_digest = pipeline(
             align,
             |buf| {
                 let n = fill(&image, buf)
                     .map_err(|source| FlashError::Image { path: image_path.clone(), source })?;
                 let n = n.min(usize::try_from(image_len - read).unwrap_or(usize::MAX));
-                image_hash.update(&buf[..n]);
                 read += n as u64;
                 Ok(n)
             },
@@ -690,12 +688,11 @@ impl Plan {
             blkdev::flush_buffers(&out.file)
                 .map_err(io_error(format!("dropping the buffer cache of {target_name}")))?;
         }
-        let mut back_hash = Sha256::new();
         let mut offset = 0u64;
         let mut checked = 0u64;
         let file = &out.file;
         let direct = out.direct;
-        pipeline(
+        let read_back = pipeline(
             align,
             |buf| {
                 let left = image_len - offset;
@@ -707,8 +704,7 @@ impl Plan {
                 offset += n as u64;
                 Ok(n)
             },
-            |buf, n| {
-                back_hash.update(&buf[..n]);
+            |_, n| {
                 checked += n as u64;
                 progress.update(checked);
                 Ok(())
@@ -716,8 +712,7 @@ impl Plan {
         )?;
         let verify_time = started.elapsed();
         progress.finish();
-        let written = Sha256Digest::from_bytes(image_hash.finalize().into());
-        let read_back = Sha256Digest::from_bytes(back_hash.finalize().into());
+        let written = image_digest;
         if written != read_back || checked != image_len {
             return Err(FlashError::Mismatch {
                 written,
@@ -876,14 +871,17 @@ impl AlignedBuf {
     }
 }
 
-/// Runs `produce` on a thread of its own and `consume` on this one, passing [`BUFFERS`]
-/// aligned buffers back and forth. `produce` fills a buffer and returns how many bytes it
-/// holds; 0, or less than a whole buffer, ends the stream. The first error stops both sides.
-fn pipeline<P, C>(align: usize, mut produce: P, mut consume: C) -> Result<(), FlashError>
+/// Three stages over [`BUFFERS`] aligned buffers: `produce` on a thread of its own fills a
+/// buffer and returns how many bytes it holds (0, or less than a whole buffer, ends the
+/// stream); a second thread hashes those bytes; `consume` runs on this thread. Each stage
+/// works on a different buffer at once, so reading, hashing and writing overlap. The first
+/// error stops all three. Returns the SHA-256 of every byte produced.
+fn pipeline<P, C>(align: usize, mut produce: P, mut consume: C) -> Result<Sha256Digest, FlashError>
 where
     P: FnMut(&mut [u8]) -> Result<usize, FlashError> + Send,
     C: FnMut(&mut [u8], usize) -> Result<(), FlashError>,
 {
+    let (hash_tx, hash_rx) = mpsc::sync_channel::<(AlignedBuf, usize)>(BUFFERS);
     let (full_tx, full_rx) = mpsc::sync_channel::<(AlignedBuf, usize)>(BUFFERS);
     let (empty_tx, empty_rx) = mpsc::channel::<AlignedBuf>();
     for _ in 0..BUFFERS {
@@ -897,12 +895,22 @@ where
                 if n == 0 {
                     break;
                 }
-                // A closed channel means the consumer failed; its error is the one reported.
-                if full_tx.send((buf, n)).is_err() || n < CHUNK {
+                // A closed channel means a later stage stopped; its error is the one reported.
+                if hash_tx.send((buf, n)).is_err() || n < CHUNK {
                     break;
                 }
             }
             Ok(())
+        });
+        let hasher = scope.spawn(move || {
+            let mut hash = Sha256::new();
+            for (mut buf, n) in hash_rx {
+                hash.update(&buf.as_mut()[..n]);
+                if full_tx.send((buf, n)).is_err() {
+                    break;
+                }
+            }
+            Sha256Digest::from_bytes(hash.finalize().into())
         });
         let mut consumed = Ok(());
         for (mut buf, n) in &full_rx {
@@ -914,13 +922,13 @@ where
         }
         drop(full_rx);
         drop(empty_tx);
-        let produced = producer.join().unwrap_or_else(|_| {
-            Err(FlashError::Io {
-                context: "the reading thread stopped".into(),
-                source: io::Error::other("panicked"),
-            })
-        });
-        consumed.and(produced)
+        let stopped = || FlashError::Io {
+            context: "a flash thread stopped".into(),
+            source: io::Error::other("panicked"),
+        };
+        let produced = producer.join().unwrap_or_else(|_| Err(stopped()));
+        let digest = hasher.join().map_err(|_| stopped());
+        consumed.and(produced).and(digest)
     })
 }
 
@@ -1131,7 +1139,7 @@ this line is not mountinfo
         let data: Vec<u8> = (0..CHUNK * 2 + 1000).map(|i| (i % 251) as u8).collect();
         let mut at = 0;
         let mut out = Vec::new();
-        pipeline(
+        let digest = pipeline(
             PAGE,
             |buf| {
                 let n = buf.len().min(data.len() - at);
@@ -1146,6 +1154,7 @@ this line is not mountinfo
         )
         .unwrap();
         assert_eq!(out, data);
+        assert_eq!(digest, Sha256Digest::of(&data));
         let mut calls = 0;
         let failed = pipeline(
             PAGE,
