@@ -49,8 +49,10 @@ const BUFFERS: usize = 4;
 /// Buffer alignment and, for regular files, the `O_DIRECT` length granularity.
 const PAGE: usize = 4096;
 
-/// Everything that stops a flash. Nothing has been written when any error other than
-/// [`FlashError::Io`], [`FlashError::ImageChanged`] or [`FlashError::Mismatch`] is returned.
+/// Everything that stops a flash. An error from [`Target::inspect`], [`check_target`] or
+/// [`Plan::new`], or from [`Plan::execute`] opening the target, means nothing was written;
+/// later ones ([`FlashError::Io`], [`FlashError::Image`], [`FlashError::ImageChanged`],
+/// [`FlashError::Mismatch`]) may leave a partial image.
 #[derive(Debug, thiserror::Error)]
 pub enum FlashError {
     #[error("cannot read the image {}", path.display())]
