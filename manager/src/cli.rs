@@ -73,6 +73,9 @@ pub enum Command {
     /// Enrollment tokens, with which booted machines register themselves.
     #[command(subcommand, alias = "token")]
     Tokens(TokensCmd),
+    /// Write an image to a USB stick, an SD card, a loop device or a file, then read it back
+    /// and compare SHA-256 digests.
+    Flash(crate::flash_cli::FlashArgs),
 }
 
 #[derive(Debug, Args)]
@@ -529,6 +532,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Build(cmd) => crate::build_cli::build(&cli, cmd).await,
         Command::Builds(cmd) => crate::build_cli::builds(&cli, cmd).await,
         Command::Events(args) => events(&cli, args).await,
+        Command::Flash(args) => crate::flash_cli::flash(&cli, args).await,
         Command::Tokens(TokensCmd::Create { datacenter, ttl_seconds, uses }) => {
             let body = serde_json::json!({
                 "datacenter": Name::parse("datacenter", datacenter)?,
@@ -680,19 +684,30 @@ async fn artifacts(cli: &Cli, cmd: &ArtifactsCmd) -> Result<()> {
         ArtifactsCmd::Pull { name, output } => {
             let name = ArtifactName::parse("name", name)?;
             let output = output.clone().unwrap_or_else(|| PathBuf::from(name.as_str()));
-            let response = api.get_stream(&format!("/v1/artifacts/{name}/content")).await?;
-            let expected = response
-                .headers()
-                .get(reqwest::header::ETAG)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| Sha256Digest::parse("etag", v.trim_matches('"')))
-                .transpose()?
-                .context("the server sent no digest (ETag) to verify against")?;
-            let size = pull_verified(response, &output, expected).await?;
-            println!("{} written: {size} bytes, {expected} verified", output.display());
+            let (size, digest) = download_artifact(&api, &name, &output).await?;
+            println!("{} written: {size} bytes, {digest} verified", output.display());
             Ok(())
         }
     }
+}
+
+/// Downloads artifact `name` to `output`, verified against the digest the server sends (the
+/// ETag); returns its size and digest.
+pub(crate) async fn download_artifact(
+    api: &ApiClient,
+    name: &ArtifactName,
+    output: &std::path::Path,
+) -> Result<(u64, Sha256Digest)> {
+    let response = api.get_stream(&format!("/v1/artifacts/{name}/content")).await?;
+    let expected = response
+        .headers()
+        .get(reqwest::header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| Sha256Digest::parse("etag", v.trim_matches('"')))
+        .transpose()?
+        .context("the server sent no digest (ETag) to verify against")?;
+    let size = pull_verified(response, output, expected).await?;
+    Ok((size, expected))
 }
 
 /// Streams a download into a temporary file next to `output` while hashing it; renames it

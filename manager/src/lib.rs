@@ -7,4 +7,5 @@ pub mod boot_flags;
 mod build_cli;
 pub mod cli;
 pub mod client;
+mod flash_cli;
 pub mod server;

@@ -445,6 +445,64 @@ impl Drop for Daemon {
     }
 }
 
+/// A loop device over a file (`losetup --find --show`), detached on drop, also when a test
+/// panics. Needs root and util-linux.
+#[derive(Debug)]
+pub struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `file` with extra `losetup` options (`--partscan`, `--direct-io=on`).
+    pub fn attach(file: &Path, options: &[&str]) -> Result<Self> {
+        let output = Command::new("losetup")
+            .args(["--find", "--show"])
+            .args(options)
+            .arg(file)
+            .stdin(Stdio::null())
+            .output()
+            .context("running losetup (apt-get install mount; needs root)")?;
+        if !output.status.success() {
+            bail!("losetup {} failed: {}", file.display(), String::from_utf8_lossy(&output.stderr));
+        }
+        let path = PathBuf::from(String::from_utf8(output.stdout)?.trim());
+        Ok(Self { path })
+    }
+
+    /// `/dev/loopN`.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `/dev/loopNpK`, after `partx -u` has told the kernel the partition table it was just
+    /// given (kernels built without the MS-DOS/GPT parsers do not read it themselves).
+    pub fn partition(&self, number: u32) -> Result<PathBuf> {
+        run_checked(Command::new("partx").arg("-u").arg(&self.path))?;
+        let partition = PathBuf::from(format!("{}p{number}", self.path.display()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !partition.exists() {
+            if Instant::now() > deadline {
+                bail!("{} did not appear", partition.display());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(partition)
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let quiet = |cmd: &mut Command| {
+            cmd.arg(&self.path).stdout(Stdio::null()).stderr(Stdio::null()).status()
+        };
+        // Partitions added with partx go first; the detach fails while one is in use.
+        let _ = quiet(Command::new("partx").arg("-d"));
+        if !quiet(Command::new("losetup").arg("-d")).is_ok_and(|s| s.success()) {
+            eprintln!("could not detach {}", self.path.display());
+        }
+    }
+}
+
 /// Short and random enough that parallel test runs do not collide: 6 hex digits from the
 /// clock and the process id.
 pub fn unique_suffix() -> String {
@@ -460,7 +518,8 @@ pub fn unique_suffix() -> String {
     format!("{:06x}", hasher.finish() & 0xff_ffff)
 }
 
-fn run_checked(cmd: &mut Command) -> Result<()> {
+/// Runs a command to completion, failing with its stderr.
+pub fn run_checked(cmd: &mut Command) -> Result<()> {
     let output = cmd.stdin(Stdio::null()).output().with_context(|| format!("running {cmd:?}"))?;
     if !output.status.success() {
         bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&output.stderr).trim());
