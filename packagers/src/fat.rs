@@ -16,7 +16,7 @@ use std::{
     io::{self, Read, Write},
 };
 
-use crate::iso9660::Source;
+use crate::{iso9660::Source, output::Output};
 
 const SECTOR: u64 = 512;
 const ENTRY: usize = 32;
@@ -306,7 +306,7 @@ impl FatPlan {
     /// Writes the image to `out` in one pass; returns the bytes written ([`FatPlan::size`]).
     pub fn write<W: Write>(&self, out: &mut W) -> Result<u64, FatError> {
         let g = &self.geometry;
-        let mut w = Zeroes::new(out);
+        let mut w = Output::new(out);
         // Reserved region.
         let boot = self.boot_sector();
         w.write_all(&boot)?;
@@ -354,9 +354,7 @@ impl FatPlan {
             }
             w.zeros(file.clusters * cluster_bytes - len)?;
         }
-        let end = self.size();
-        let at = w.written;
-        w.zeros(end - at)?;
+        w.zeros_to(self.size())?;
         w.flush()?;
         Ok(w.written)
     }
@@ -773,40 +771,6 @@ fn dos_date_time(timestamp: i64) -> (u16, u16) {
         ((t.year() - 1980) as u16) << 9 | u16::from(u8::from(t.month())) << 5 | u16::from(t.day());
     let time = u16::from(t.hour()) << 11 | u16::from(t.minute()) << 5 | u16::from(t.second() / 2);
     (date, time)
-}
-
-/// Counts bytes and writes runs of zeros without allocating each time.
-struct Zeroes<'a, W: Write> {
-    inner: &'a mut W,
-    written: u64,
-}
-
-impl<'a, W: Write> Zeroes<'a, W> {
-    fn new(inner: &'a mut W) -> Self {
-        Self { inner, written: 0 }
-    }
-
-    fn zeros(&mut self, mut n: u64) -> io::Result<()> {
-        static BLOCK: [u8; 64 * 1024] = [0u8; 64 * 1024];
-        while n > 0 {
-            let step = n.min(BLOCK.len() as u64) as usize;
-            self.write_all(&BLOCK[..step])?;
-            n -= step as u64;
-        }
-        Ok(())
-    }
-}
-
-impl<W: Write> Write for Zeroes<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

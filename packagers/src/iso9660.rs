@@ -24,6 +24,8 @@ use std::{
     path::PathBuf,
 };
 
+use crate::output::Output;
+
 /// Bytes per logical sector.
 pub const SECTOR: u64 = 2048;
 /// Longest name a file or directory may have (its Rock Ridge entry must fit in its record).
@@ -91,7 +93,8 @@ impl Source {
         self.len() == 0
     }
 
-    fn read_all(&self) -> io::Result<Vec<u8>> {
+    /// The whole content, read now.
+    pub fn read_all(&self) -> io::Result<Vec<u8>> {
         match self {
             Source::Bytes(b) => Ok(b.clone()),
             Source::File { path, .. } => std::fs::read(path),
@@ -293,7 +296,7 @@ impl IsoPlan {
 
     /// Writes the image to `out` in one pass; returns the bytes written ([`IsoPlan::size`]).
     pub fn write<W: Write>(&self, out: &mut W) -> Result<u64, IsoError> {
-        let mut out = Counted { inner: out, written: 0 };
+        let mut out = Output::new(out);
         // System area (with the hybrid MBR), then the volume descriptors.
         let mut system_area = vec![0u8; (SYSTEM_AREA_SECTORS * SECTOR) as usize];
         if let Some(code) = &self.spec.hybrid_mbr {
@@ -337,15 +340,10 @@ impl IsoPlan {
                     }
                 }
             }
-            let tail = (sectors_for(len) * SECTOR - len) as usize;
-            out.write_all(&vec![0u8; tail])?;
+            let tail = sectors_for(len) * SECTOR - len;
+            out.zeros(tail)?;
         }
-        let end = self.size();
-        let zeros = vec![0u8; 1 << 16];
-        while out.written < end {
-            let n = (end - out.written).min(zeros.len() as u64) as usize;
-            out.write_all(&zeros[..n])?;
-        }
+        out.zeros_to(self.size())?;
         out.flush()?;
         Ok(out.written)
     }
@@ -893,24 +891,6 @@ fn to_u32(value: u64) -> Result<u32, IsoError> {
 /// For values already checked to fit.
 fn to_u32_lossy(value: u64) -> u32 {
     u32::try_from(value).unwrap_or(u32::MAX)
-}
-
-/// Counts what passes through, so the writer knows where it is.
-struct Counted<'a, W: Write> {
-    inner: &'a mut W,
-    written: u64,
-}
-
-impl<W: Write> Write for Counted<'_, W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 #[cfg(test)]

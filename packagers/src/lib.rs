@@ -15,3 +15,4 @@ pub mod flash;
 pub mod iso9660;
 pub mod mbr;
 pub mod media;
+mod output;

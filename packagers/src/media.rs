@@ -118,11 +118,8 @@ pub fn grub_cfg(config: &MediaConfig) -> String {
     )
 }
 
-/// The ESP of a medium: the GRUB EFI images as the removable-media default loaders.
-pub fn efi_system_partition(
-    files: &BootFiles,
-    config: &MediaConfig,
-) -> Result<Vec<u8>, MediaError> {
+/// The GRUB EFI images as the removable-media default loaders of an ESP.
+fn efi_loaders(files: &BootFiles) -> BTreeMap<String, Source> {
     let mut esp = BTreeMap::new();
     if let Some(x64) = &files.efi_x86_64 {
         esp.insert("EFI/BOOT/BOOTX64.EFI".to_owned(), x64.clone());
@@ -130,6 +127,15 @@ pub fn efi_system_partition(
     if let Some(aa64) = &files.efi_arm64 {
         esp.insert("EFI/BOOT/BOOTAA64.EFI".to_owned(), aa64.clone());
     }
+    esp
+}
+
+/// The ESP inside a hybrid ISO: just the loaders (the rest is read from ISO 9660).
+pub fn efi_system_partition(
+    files: &BootFiles,
+    config: &MediaConfig,
+) -> Result<Vec<u8>, MediaError> {
+    let esp = efi_loaders(files);
     Ok(fat::build(&FatSpec {
         label: "CTPF_EFI".into(),
         volume_id: config.serial ^ 0x4546_4900,
@@ -166,7 +172,8 @@ pub fn hybrid_iso(files: &BootFiles, config: &MediaConfig) -> Result<IsoPlan, Me
             boot_info_table: true,
             load_sectors: 4,
         });
-        hybrid_mbr = Some(read_source(&syslinux.isohdpfx_bin)?);
+        let code = syslinux.isohdpfx_bin.read_all().map_err(crate::iso9660::IsoError::Io)?;
+        hybrid_mbr = Some(code);
     }
     let mut efi_boot = None;
     if files.efi_x86_64.is_some() || files.efi_arm64.is_some() {
@@ -191,13 +198,7 @@ pub fn usb_esp(files: &BootFiles, config: &MediaConfig) -> Result<FatPlan, Media
     if files.efi_x86_64.is_none() && files.efi_arm64.is_none() {
         return Err(MediaError::Missing("a UEFI (GRUB) loader"));
     }
-    let mut esp = BTreeMap::new();
-    if let Some(x64) = &files.efi_x86_64 {
-        esp.insert("EFI/BOOT/BOOTX64.EFI".to_owned(), x64.clone());
-    }
-    if let Some(aa64) = &files.efi_arm64 {
-        esp.insert("EFI/BOOT/BOOTAA64.EFI".to_owned(), aa64.clone());
-    }
+    let mut esp = efi_loaders(files);
     esp.insert("boot/vmlinuz".to_owned(), files.kernel.clone());
     esp.insert("boot/initrd.img".to_owned(), files.initrd.clone());
     esp.insert(GRUB_CONFIG_PATH.to_owned(), Source::Bytes(grub_cfg(config).into_bytes()));
@@ -210,13 +211,6 @@ pub fn usb_esp(files: &BootFiles, config: &MediaConfig) -> Result<FatPlan, Media
         hidden_sectors: crate::disk::ALIGN_SECTORS as u32,
         files: esp,
     })?)
-}
-
-fn read_source(source: &Source) -> Result<Vec<u8>, MediaError> {
-    Ok(match source {
-        Source::Bytes(b) => b.clone(),
-        Source::File { path, .. } => std::fs::read(path).map_err(crate::iso9660::IsoError::Io)?,
-    })
 }
 
 #[cfg(test)]

@@ -166,13 +166,7 @@ impl Vm {
             cmd.args(["-boot", "n"]);
         }
         let vars = firmware_vars(&mut cmd, spec.firmware)?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting qemu-system-x86_64 (apt qemu-system-x86)")?;
-        Ok(Self { child, serial, _vars: vars })
+        Self::spawn(cmd, serial, vars)
     }
 
     /// Boots `image` as a CD or a USB stick, with QEMU's user-mode network: the guest
@@ -203,6 +197,14 @@ impl Vm {
             }
         }
         let vars = firmware_vars(&mut cmd, firmware)?;
+        Self::spawn(cmd, serial, vars)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        serial: PathBuf,
+        vars: Option<tempfile::NamedTempFile>,
+    ) -> Result<Self> {
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
