@@ -98,6 +98,9 @@ pub enum EventBody {
         /// What a build made (build jobs only).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         manifest: Option<Box<crate::BuildManifest>>,
+        /// What a packaging job made (packaging jobs only).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        package: Option<Box<crate::PackageManifest>>,
     },
     /// Log lines of a running build, in batches.
     BuildLog {

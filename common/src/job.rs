@@ -22,6 +22,14 @@ pub enum JobSpec {
         #[serde(default)]
         name: Option<crate::ArtifactName>,
     },
+    /// Boot media on a worker with the `packager` role; fields as in [`crate::NewPackage`].
+    Package {
+        request: Box<crate::PackageRequest>,
+        #[serde(default)]
+        name: Option<crate::ArtifactName>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        no_cache: bool,
+    },
 }
 
 impl JobSpec {
@@ -29,6 +37,7 @@ impl JobSpec {
         match self {
             JobSpec::Probe { .. } => "probe",
             JobSpec::Build { .. } => "build",
+            JobSpec::Package { .. } => "package",
         }
     }
 }
@@ -99,6 +108,9 @@ pub struct Job {
     /// What a succeeded build made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<crate::BuildManifest>,
+    /// What a succeeded packaging job made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub package: Option<crate::PackageManifest>,
     /// An event sequence number at or before this job's first event: where reading its log
     /// lines from the event log starts.
     #[serde(default)]
@@ -123,6 +135,7 @@ impl Job {
             error: None,
             cancel_requested: false,
             manifest: None,
+            package: None,
             first_event_seq: 0,
             created_at: now,
             updated_at: now,

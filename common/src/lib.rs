@@ -41,6 +41,7 @@ mod host;
 mod job;
 mod mac;
 mod name;
+mod package;
 mod schema;
 mod ssh_key;
 mod tag;
@@ -57,6 +58,9 @@ pub use host::{Arch, Host, HostPatch, HostState, NewHost};
 pub use job::{Job, JobSpec, JobStatus, NewJob};
 pub use mac::MacAddr;
 pub use name::{ArtifactName, Name};
+pub use package::{
+    BootMode, InputArtifact, MediaEntry, MediaFormat, NewPackage, PackageManifest, PackageRequest,
+};
 pub use ssh_key::{NewSshKey, SshKey, SshPublicKey};
 pub use tag::{Tag, TagSelector, Tags};
 pub use worker::{Role, WorkerIdentity};

@@ -7,9 +7,10 @@ use std::{sync::Arc, time::Duration};
 use ctpf_builders::{BuildError, BuildLog, Builder};
 use ctpf_bus::{Bus, BusError, Delivery};
 use ctpf_common::{
-    BuildLogLine, BuildManifest, BuildRequest, EventBody, JobSpec, Name, NewEvent, Uuid,
+    BuildLogLine, BuildManifest, EventBody, JobSpec, Name, NewEvent, PackageManifest, Uuid,
     WorkerIdentity,
 };
+use ctpf_packagers::service::{PackageError, PackageLog, Packager};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +31,8 @@ pub struct WorkerConfig {
     pub poll: Duration,
     /// Runs build jobs (workers with the `builder` role).
     pub builder: Option<Builder>,
+    /// Runs packaging jobs (workers with the `packager` role).
+    pub packager: Option<Packager>,
     /// Jobs run at the same time (at least 1). A job is only taken from the bus when there
     /// is room for it, so a busy worker leaves jobs to its peers.
     pub concurrency: usize,
@@ -39,8 +42,15 @@ impl WorkerConfig {
     /// One job at a time per CPU.
     pub fn new(identity: WorkerIdentity, lease: Duration, builder: Option<Builder>) -> Self {
         let concurrency = std::thread::available_parallelism().map_or(1, |n| n.get());
-        Self { identity, lease, poll: Duration::from_secs(1), builder, concurrency }
+        Self { identity, lease, poll: Duration::from_secs(1), builder, packager: None, concurrency }
     }
+}
+
+/// What a succeeded job made, for its report.
+#[derive(Debug, Default)]
+struct JobOutput {
+    build: Option<BuildManifest>,
+    package: Option<PackageManifest>,
 }
 
 /// Why a job did not succeed, and whether another attempt could.
@@ -156,10 +166,11 @@ async fn run_one(config: &WorkerConfig, bus: &dyn Bus, delivery: Delivery) {
 
     let worker_id = worker.id.clone();
     let body = match &outcome {
-        Ok(manifest) => EventBody::JobSucceeded {
+        Ok(output) => EventBody::JobSucceeded {
             job_id,
             worker: worker_id,
-            manifest: manifest.clone().map(Box::new),
+            manifest: output.build.clone().map(Box::new),
+            package: output.package.clone().map(Box::new),
         },
         Err(JobFailure::Cancelled) => EventBody::JobCancelled { job_id, worker: worker_id },
         Err(JobFailure::Failed { message, retryable }) => EventBody::JobFailed {
@@ -188,7 +199,7 @@ async fn execute(
     datacenter: Option<Name>,
     spec: &JobSpec,
     cancel: &CancellationToken,
-) -> Result<Option<BuildManifest>, JobFailure> {
+) -> Result<JobOutput, JobFailure> {
     match spec {
         JobSpec::Probe { sleep_ms, fail } => {
             tokio::select! {
@@ -198,29 +209,49 @@ async fn execute(
             if *fail {
                 return Err(JobFailure::failed("probe asked to fail", false));
             }
-            Ok(None)
+            Ok(JobOutput::default())
         }
         JobSpec::Build { request, .. } => {
             let Some(builder) = &config.builder else {
                 return Err(JobFailure::failed("this worker has no builder role", true));
             };
-            run_build(builder, bus, job_id, datacenter, request, cancel.clone()).await.map(Some)
+            let (tx, rx) = mpsc::unbounded_channel();
+            let build = builder.build(request, cancel.clone(), BuildLog::new(tx));
+            let manifest = with_streamed_log(bus, job_id, datacenter, rx, build).await.map_err(
+                |e| match e {
+                    BuildError::Cancelled => JobFailure::Cancelled,
+                    e => JobFailure::failed(e.to_string(), e.is_retryable()),
+                },
+            )?;
+            Ok(JobOutput { build: Some(manifest), package: None })
+        }
+        JobSpec::Package { request, no_cache, .. } => {
+            let Some(packager) = &config.packager else {
+                return Err(JobFailure::failed("this worker has no packager role", true));
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            let package = packager.package(request, *no_cache, cancel.clone(), PackageLog::new(tx));
+            let manifest = with_streamed_log(bus, job_id, datacenter, rx, package).await.map_err(
+                |e| match e {
+                    PackageError::Cancelled => JobFailure::Cancelled,
+                    e => JobFailure::failed(e.to_string(), e.is_retryable()),
+                },
+            )?;
+            Ok(JobOutput { build: None, package: Some(manifest) })
         }
     }
 }
 
-/// Runs a build, sending its log lines to the manager as they come (in batches), all of
-/// them before the job's final report.
-async fn run_build(
-    builder: &Builder,
+/// Runs `work`, sending the log lines it writes to `rx`'s sender to the manager as they
+/// come (in batches), all of them before the job's final report.
+async fn with_streamed_log<T>(
     bus: &dyn Bus,
     job_id: Uuid,
     datacenter: Option<Name>,
-    request: &BuildRequest,
-    cancel: CancellationToken,
-) -> Result<BuildManifest, JobFailure> {
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let build = builder.build(request, cancel, BuildLog::new(tx));
+    mut rx: mpsc::UnboundedReceiver<BuildLogLine>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let build = work;
     tokio::pin!(build);
     let mut batch: Vec<BuildLogLine> = Vec::new();
     let mut flush_at = tokio::time::Instant::now() + LOG_BATCH_WAIT;
@@ -248,10 +279,7 @@ async fn run_build(
         }
     }
     send_log(bus, job_id, &datacenter, &mut batch).await;
-    result.map_err(|e| match e {
-        BuildError::Cancelled => JobFailure::Cancelled,
-        e => JobFailure::failed(e.to_string(), e.is_retryable()),
-    })
+    result
 }
 
 async fn send_log(

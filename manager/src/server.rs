@@ -17,6 +17,7 @@ use ctpf_distributors::{
     boot_service::{BootService, BootServiceConfig, TftpArtifacts},
     jobs::WorkerConfig,
 };
+use ctpf_packagers::service::{Packager, PackagerConfig};
 use ctpf_registries::{Registry, TokenRole, generate_token};
 use ctpf_store::{
     artifacts::{ArtifactStore, FsArtifactStore, S3ArtifactStore, S3Config},
@@ -275,8 +276,14 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
             } else {
                 None
             };
+            let packager = if identity.roles.contains(&ctpf_common::Role::Packager) {
+                Some(open_packager(&plane.data_dir, artifacts.clone())?)
+            } else {
+                None
+            };
             let lease = plane.engines.bus.lease;
-            let config = WorkerConfig::new(identity, lease, builder);
+            let mut config = WorkerConfig::new(identity, lease, builder);
+            config.packager = packager;
             Some(tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone())))
         }
         None => None,
@@ -373,6 +380,11 @@ pub fn open_builder(data_dir: &Path, artifacts: Arc<dyn ArtifactStore>) -> Resul
     Ok(Builder::new(config, artifacts)?)
 }
 
+fn open_packager(data_dir: &Path, artifacts: Arc<dyn ArtifactStore>) -> Result<Packager> {
+    let config = PackagerConfig { work_dir: data_dir.join("packages") };
+    Ok(Packager::new(config, artifacts)?)
+}
+
 pub async fn run_worker(
     redis: &str,
     engines: &Engines,
@@ -385,18 +397,35 @@ pub async fn run_worker(
             .await
             .with_context(|| format!("connecting to Redis at {redis}"))?,
     );
-    let builder = if identity.roles.contains(&ctpf_common::Role::Builder) {
+    let roles = &identity.roles;
+    let stores =
+        roles.contains(&ctpf_common::Role::Builder) || roles.contains(&ctpf_common::Role::Packager);
+    let artifacts = if stores {
         if engines.s3.is_none() {
-            bail!("a worker with the builder role stores its builds in S3: pass --s3 URL");
+            bail!(
+                "a worker with the builder or packager role stores its output in S3: pass --s3 URL"
+            );
         }
-        let artifacts = open_artifacts(data_dir, engines).await?;
-        Some(open_builder(data_dir, artifacts)?)
+        Some(open_artifacts(data_dir, engines).await?)
     } else {
         None
     };
+    let builder = match &artifacts {
+        Some(artifacts) if roles.contains(&ctpf_common::Role::Builder) => {
+            Some(open_builder(data_dir, artifacts.clone())?)
+        }
+        _ => None,
+    };
+    let packager = match &artifacts {
+        Some(artifacts) if roles.contains(&ctpf_common::Role::Packager) => {
+            Some(open_packager(data_dir, artifacts.clone())?)
+        }
+        _ => None,
+    };
     println!("worker {} ready (datacenter {})", identity.id, identity.datacenter);
     let lease = engines.bus.lease;
-    let config = WorkerConfig::new(identity, lease, builder);
+    let mut config = WorkerConfig::new(identity, lease, builder);
+    config.packager = packager;
     ctpf_distributors::jobs::run(config, bus, shutdown).await;
     Ok(())
 }

@@ -6,6 +6,9 @@
 //! - [`disk`]: raw disk images (GPT + ESP for UEFI USB sticks);
 //! - [`mbr`]: MBR partition entries;
 //! - [`media`]: the layout and boot configs of ctpf's boot media;
+//! - [`pxe_bundle`]: the deterministic tar of the tree a distributor serves;
+//! - [`service`]: the packager a worker with the `packager` role runs (validate, cache,
+//!   fetch inputs with their digests checked, write, store with a manifest);
 //! - [`flash`]: writes an image to a USB stick, an SD card, a loop device or a file and
 //!   verifies it by reading it back.
 
@@ -16,3 +19,5 @@ pub mod iso9660;
 pub mod mbr;
 pub mod media;
 mod output;
+pub mod pxe_bundle;
+pub mod service;

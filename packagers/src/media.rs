@@ -150,23 +150,10 @@ pub fn efi_system_partition(
 /// The hybrid ISO: BIOS via isolinux (CD, and USB through the isohybrid MBR), UEFI via the
 /// ESP (CD through El Torito, USB through MBR partition 2).
 pub fn hybrid_iso(files: &BootFiles, config: &MediaConfig) -> Result<IsoPlan, MediaError> {
-    check_kernel_words(&config.kernel_words)?;
-    if files.syslinux.is_none() && files.efi_x86_64.is_none() && files.efi_arm64.is_none() {
-        return Err(MediaError::Missing("a BIOS (syslinux) or UEFI (GRUB) loader"));
-    }
-    let mut tree = BTreeMap::new();
-    tree.insert("boot/vmlinuz".to_owned(), files.kernel.clone());
-    tree.insert("boot/initrd.img".to_owned(), files.initrd.clone());
-    tree.insert(GRUB_CONFIG_PATH.to_owned(), Source::Bytes(grub_cfg(config).into_bytes()));
+    let tree = iso_tree(files, config)?;
     let mut bios_boot = None;
     let mut hybrid_mbr = None;
     if let Some(syslinux) = &files.syslinux {
-        tree.insert("isolinux/isolinux.bin".to_owned(), syslinux.isolinux_bin.clone());
-        tree.insert("isolinux/ldlinux.c32".to_owned(), syslinux.ldlinux_c32.clone());
-        tree.insert(
-            "isolinux/isolinux.cfg".to_owned(),
-            Source::Bytes(isolinux_cfg(config).into_bytes()),
-        );
         bios_boot = Some(BiosBoot {
             image: "isolinux/isolinux.bin".into(),
             boot_info_table: true,
@@ -175,11 +162,7 @@ pub fn hybrid_iso(files: &BootFiles, config: &MediaConfig) -> Result<IsoPlan, Me
         let code = syslinux.isohdpfx_bin.read_all().map_err(crate::iso9660::IsoError::Io)?;
         hybrid_mbr = Some(code);
     }
-    let mut efi_boot = None;
-    if files.efi_x86_64.is_some() || files.efi_arm64.is_some() {
-        tree.insert("boot/efi.img".to_owned(), Source::Bytes(efi_system_partition(files, config)?));
-        efi_boot = Some("boot/efi.img".to_owned());
-    }
+    let efi_boot = tree.contains_key(ISO_ESP_PATH).then(|| ISO_ESP_PATH.to_owned());
     Ok(IsoPlan::new(IsoSpec {
         volume_id: config.label.clone(),
         timestamp: config.timestamp,
@@ -191,9 +174,56 @@ pub fn hybrid_iso(files: &BootFiles, config: &MediaConfig) -> Result<IsoPlan, Me
     })?)
 }
 
+/// Where the ESP image sits inside the hybrid ISO.
+const ISO_ESP_PATH: &str = "boot/efi.img";
+
+/// Every file of the hybrid ISO by path (what [`hybrid_iso`] writes, and what a manifest
+/// lists).
+pub fn iso_tree(
+    files: &BootFiles,
+    config: &MediaConfig,
+) -> Result<BTreeMap<String, Source>, MediaError> {
+    check_kernel_words(&config.kernel_words)?;
+    if files.syslinux.is_none() && files.efi_x86_64.is_none() && files.efi_arm64.is_none() {
+        return Err(MediaError::Missing("a BIOS (syslinux) or UEFI (GRUB) loader"));
+    }
+    let mut tree = BTreeMap::new();
+    tree.insert("boot/vmlinuz".to_owned(), files.kernel.clone());
+    tree.insert("boot/initrd.img".to_owned(), files.initrd.clone());
+    tree.insert(GRUB_CONFIG_PATH.to_owned(), Source::Bytes(grub_cfg(config).into_bytes()));
+    if let Some(syslinux) = &files.syslinux {
+        tree.insert("isolinux/isolinux.bin".to_owned(), syslinux.isolinux_bin.clone());
+        tree.insert("isolinux/ldlinux.c32".to_owned(), syslinux.ldlinux_c32.clone());
+        tree.insert(
+            "isolinux/isolinux.cfg".to_owned(),
+            Source::Bytes(isolinux_cfg(config).into_bytes()),
+        );
+    }
+    if files.efi_x86_64.is_some() || files.efi_arm64.is_some() {
+        tree.insert(ISO_ESP_PATH.to_owned(), Source::Bytes(efi_system_partition(files, config)?));
+    }
+    Ok(tree)
+}
+
 /// The UEFI USB stick: one FAT32 ESP holding the GRUB loaders, the medium's GRUB config and
 /// the discovery image (written into a GPT disk by [`crate::disk::write_gpt_esp`]).
 pub fn usb_esp(files: &BootFiles, config: &MediaConfig) -> Result<FatPlan, MediaError> {
+    Ok(FatPlan::new(&FatSpec {
+        label: "CTPF_BOOT".into(),
+        volume_id: config.serial,
+        timestamp: config.timestamp,
+        kind: FatKind::Fat32,
+        size: None,
+        hidden_sectors: crate::disk::ALIGN_SECTORS as u32,
+        files: usb_esp_tree(files, config)?,
+    })?)
+}
+
+/// Every file of the USB stick's ESP by path.
+pub fn usb_esp_tree(
+    files: &BootFiles,
+    config: &MediaConfig,
+) -> Result<BTreeMap<String, Source>, MediaError> {
     check_kernel_words(&config.kernel_words)?;
     if files.efi_x86_64.is_none() && files.efi_arm64.is_none() {
         return Err(MediaError::Missing("a UEFI (GRUB) loader"));
@@ -202,15 +232,7 @@ pub fn usb_esp(files: &BootFiles, config: &MediaConfig) -> Result<FatPlan, Media
     esp.insert("boot/vmlinuz".to_owned(), files.kernel.clone());
     esp.insert("boot/initrd.img".to_owned(), files.initrd.clone());
     esp.insert(GRUB_CONFIG_PATH.to_owned(), Source::Bytes(grub_cfg(config).into_bytes()));
-    Ok(FatPlan::new(&FatSpec {
-        label: "CTPF_BOOT".into(),
-        volume_id: config.serial,
-        timestamp: config.timestamp,
-        kind: FatKind::Fat32,
-        size: None,
-        hidden_sectors: crate::disk::ALIGN_SECTORS as u32,
-        files: esp,
-    })?)
+    Ok(esp)
 }
 
 #[cfg(test)]

@@ -11,7 +11,8 @@ use ctpf_bus::{Bus, BusError, JobEnvelope};
 use ctpf_common::{
     Artifact, BuildLogLine, BuildManifest, Datacenter, Event, EventBody, Host, HostPatch,
     HostState, Job, JobSpec, JobStatus, Name, NewBuild, NewDatacenter, NewEvent, NewHost, NewJob,
-    NewSshKey, OffsetDateTime, ParseError, SshKey, Tag, TagSelector, Tags, Uuid,
+    NewPackage, NewSshKey, OffsetDateTime, PackageManifest, ParseError, SshKey, Tag, TagSelector,
+    Tags, Uuid,
 };
 use ctpf_store::state::{Commit, Precondition, Record, StateError, StateStore, Table, Write};
 use serde::{Serialize, de::DeserializeOwned};
@@ -489,6 +490,23 @@ impl Registry {
         self.submit_job(NewJob { spec, selector }).await
     }
 
+    /// Submits a packaging job for a worker with the `packager` role (and the extra tags).
+    pub async fn submit_package(&self, new: NewPackage) -> Result<Job, RegistryError> {
+        if new.selector.tags().iter().any(|t| t.key() == "role") {
+            return Err(RegistryError::Refused(
+                "a packaging selector cannot name a role: packaging goes to role=packager".into(),
+            ));
+        }
+        let role = Tag::new("role", "packager")?;
+        let selector = TagSelector::new(new.selector.tags().iter().cloned().chain([role]))?;
+        let spec = JobSpec::Package {
+            request: Box::new(new.request),
+            name: new.name,
+            no_cache: new.no_cache,
+        };
+        self.submit_job(NewJob { spec, selector }).await
+    }
+
     /// Log lines of build `id` after line `after`, at most `limit`, scanning the event log
     /// from the job's first event; also the job as it is now.
     pub async fn build_log(
@@ -667,6 +685,12 @@ impl Registry {
                     commit = self.name_outputs(commit, name, manifest).await?;
                 }
             }
+            if let EventBody::JobSucceeded { package: Some(package), .. } = &report.body {
+                job.package = Some((**package).clone());
+                if let JobSpec::Package { name: Some(name), .. } = &job.spec {
+                    commit = self.name_medium(commit, name, package).await?;
+                }
+            }
             let commit = commit
                 .write(Write::put(Table::Jobs, &key, encode(&job)?, Precondition::Version(version)))
                 .event(report.clone());
@@ -705,6 +729,30 @@ impl Registry {
             commit = put_artifact(commit, &artifact)?;
         }
         Ok(commit)
+    }
+
+    /// Adds the artifact record `name` for a packaged medium to `commit`, unless the name
+    /// already points at the same content.
+    async fn name_medium(
+        &self,
+        commit: Commit,
+        name: &ctpf_common::ArtifactName,
+        package: &PackageManifest,
+    ) -> Result<Commit, RegistryError> {
+        if let Some((current, _)) = self.get::<Artifact>(Table::Artifacts, name.as_str()).await?
+            && current.digest == package.digest
+        {
+            return Ok(commit);
+        }
+        let artifact = Artifact {
+            name: name.clone(),
+            digest: package.digest,
+            kind: package.format.artifact_kind(),
+            size: package.size,
+            tags: [Tag::new("package-key", &package.key.hex()[..32])?].into_iter().collect(),
+            created_at: now(),
+        };
+        put_artifact(commit, &artifact)
     }
 
     // ---- events ----

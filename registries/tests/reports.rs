@@ -32,7 +32,8 @@ async fn final_states_do_not_move_and_duplicates_are_harmless() {
     let started = EventBody::JobStarted { job_id: id, worker: "w1".into(), attempt: 1 };
     reg.apply_report(report(started.clone())).await.unwrap();
     assert_eq!(reg.job(id).await.unwrap().status, JobStatus::Running);
-    let done = EventBody::JobSucceeded { job_id: id, worker: "w1".into(), manifest: None };
+    let done =
+        EventBody::JobSucceeded { job_id: id, worker: "w1".into(), manifest: None, package: None };
     reg.apply_report(report(done.clone())).await.unwrap();
     // A duplicate and a late "started" change nothing.
     assert!(reg.apply_report(report(done)).await.unwrap().is_none());
@@ -60,6 +61,7 @@ async fn final_states_do_not_move_and_duplicates_are_harmless() {
         job_id: ctpf_common::Uuid::now_v7(),
         worker: "w".into(),
         manifest: None,
+        package: None,
     };
     assert!(reg.apply_report(report(ghost)).await.unwrap().is_none());
 }

@@ -132,11 +132,20 @@ pub(super) async fn build_logs(
     Path(id): Path<String>,
     q: ListQuery,
 ) -> Result<Json<BuildLogPage>, ApiError> {
+    let job = build_job(&s, &id).await?;
+    log_page(&s, job, q).await
+}
+
+/// A page of `job`'s log (builds and packaging jobs log the same way).
+pub(super) async fn log_page(
+    s: &AppState,
+    job: Job,
+    q: ListQuery,
+) -> Result<Json<BuildLogPage>, ApiError> {
     let q = q.only(&["after", "limit", "wait"])?;
     let after: u64 = q.parse_num("after", 0)?;
     let limit: usize = q.parse_num::<usize>("limit", 1000)?.clamp(1, 10_000);
     let wait = Duration::from_secs(q.parse_num::<u64>("wait", 0)?.min(60));
-    let job = build_job(&s, &id).await?;
     let deadline = tokio::time::Instant::now() + wait;
     let mut scanned_at = None;
     loop {

@@ -33,6 +33,7 @@ mod builds;
 mod download;
 mod error;
 mod extract;
+mod packages;
 
 pub use error::ApiError;
 use error::ErrorBody;
@@ -86,6 +87,9 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(builds::list_builds, builds::submit_build))
         .routes(routes!(builds::get_build))
         .routes(routes!(builds::build_logs))
+        .routes(routes!(packages::list_packages, packages::submit_package))
+        .routes(routes!(packages::get_package))
+        .routes(routes!(packages::package_logs))
         .routes(routes!(list_events))
         .routes(routes!(issue_enrollment_token))
         .routes(routes!(enroll))
