@@ -8,4 +8,5 @@ mod build_cli;
 pub mod cli;
 pub mod client;
 mod flash_cli;
+mod media_key_cli;
 pub mod server;
