@@ -132,7 +132,7 @@ async fn media_key_contract(state: Arc<dyn StateStore>) {
     let all = reg.media_keys(None).await.unwrap();
     assert_eq!(all.iter().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["iso", "usb"]);
     let only_home = reg.media_keys(Some(&name("home"))).await.unwrap();
-    assert_eq!(only_home, [home.key.clone()]);
+    assert_eq!(only_home, std::slice::from_ref(&home.key));
 
     // Revocation: refused from then on, idempotent, one event.
     let revoked = reg.revoke_media_key(&name("usb")).await.unwrap();
