@@ -56,6 +56,9 @@ pub enum EventBody {
     HostEnrolled {
         host_id: Uuid,
         new: bool,
+        /// The media key it enrolled with (its name; never the secret), if it used one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        media_key: Option<Name>,
     },
     HostUpdated {
         host_id: Uuid,
@@ -129,6 +132,13 @@ pub enum EventBody {
     WorkerStarted {
         worker: String,
     },
+    /// A media key was created (its name; events never carry the secret).
+    MediaKeyCreated {
+        name: Name,
+    },
+    MediaKeyRevoked {
+        name: Name,
+    },
 }
 
 impl EventBody {
@@ -155,6 +165,8 @@ impl EventBody {
             EventBody::JobCancelRequested { .. } => "job_cancel_requested",
             EventBody::JobCancelled { .. } => "job_cancelled",
             EventBody::WorkerStarted { .. } => "worker_started",
+            EventBody::MediaKeyCreated { .. } => "media_key_created",
+            EventBody::MediaKeyRevoked { .. } => "media_key_revoked",
         }
     }
 }

@@ -99,6 +99,9 @@ pub struct Host {
     /// Hardware facts from the machine's own last report (empty until it enrolls).
     #[serde(default)]
     pub inventory: crate::Inventory,
+    /// The media key it last enrolled with (its name), if it enrolled from boot media.
+    #[serde(default)]
+    pub media_key: Option<Name>,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
@@ -120,6 +123,7 @@ impl Host {
             addresses: new.addresses,
             labels: new.labels,
             inventory: crate::Inventory::default(),
+            media_key: None,
             created_at: now,
             updated_at: now,
         }

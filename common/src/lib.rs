@@ -41,6 +41,7 @@ mod host;
 mod image;
 mod job;
 mod mac;
+mod media_key;
 mod name;
 mod package;
 mod schema;
@@ -59,6 +60,7 @@ pub use host::{Arch, Host, HostPatch, HostState, NewHost};
 pub use image::{ArtifactsSection, BootSection, ImageDefinition};
 pub use job::{Job, JobSpec, JobStatus, NewJob};
 pub use mac::MacAddr;
+pub use media_key::{MediaKey, MediaKeySecret, MediaKeyStatus, MediaKeyWithSecret, NewMediaKey};
 pub use name::{ArtifactName, Name};
 pub use package::{
     BootMode, InputArtifact, MediaEntry, MediaFormat, NewPackage, PackageManifest, PackageRequest,

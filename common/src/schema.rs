@@ -9,7 +9,9 @@ use utoipa::{
     },
 };
 
-use crate::{ArtifactName, MacAddr, Name, Sha256Digest, SshPublicKey, Tag, TagSelector, Tags};
+use crate::{
+    ArtifactName, MacAddr, MediaKeySecret, Name, Sha256Digest, SshPublicKey, Tag, TagSelector, Tags,
+};
 
 macro_rules! string_schema {
     ($ty:ty, $pattern:expr, $example:expr, $doc:expr) => {
@@ -63,6 +65,13 @@ string_schema!(
     "^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)|sk-ssh-ed25519@openssh.com|sk-ecdsa-sha2-nistp256@openssh.com) [A-Za-z0-9+/]+=* ?.*$",
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl admin@laptop",
     "An OpenSSH public key line: algorithm, base64 key and optional comment."
+);
+
+string_schema!(
+    MediaKeySecret,
+    "^ctpf_mk_[0-9a-f]{64}$",
+    "ctpf_mk_3f1c6e0a9b5d4c2e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e",
+    "A media key's secret, for a medium's kernel command line (ctpf.token=)."
 );
 
 impl PartialSchema for Tags {

@@ -76,6 +76,9 @@ pub enum Command {
     /// Boot media from image definitions (images/*.toml): build, list, download.
     #[command(subcommand, alias = "images")]
     Image(crate::image_cli::ImageCmd),
+    /// Media keys: reusable, revocable enrollment credentials for boot media (USB sticks, ISOs).
+    #[command(subcommand, alias = "media-key")]
+    MediaKeys(crate::media_key_cli::MediaKeysCmd),
     /// Write an image to a USB stick, an SD card, a loop device or a file, then read it back
     /// and compare SHA-256 digests.
     Flash(crate::flash_cli::FlashArgs),
@@ -537,6 +540,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Events(args) => events(&cli, args).await,
         Command::Flash(args) => crate::flash_cli::flash(&cli, args).await,
         Command::Image(cmd) => crate::image_cli::image(&cli, cmd).await,
+        Command::MediaKeys(cmd) => crate::media_key_cli::media_keys(&cli, cmd).await,
         Command::Tokens(TokensCmd::Create { datacenter, ttl_seconds, uses }) => {
             let body = serde_json::json!({
                 "datacenter": Name::parse("datacenter", datacenter)?,

@@ -9,4 +9,5 @@ pub mod cli;
 pub mod client;
 mod flash_cli;
 mod image_cli;
+mod media_key_cli;
 pub mod server;

@@ -668,3 +668,105 @@ async fn boot_scripts_follow_the_machine_life_cycle() {
     let (status, _) = get("/boot/discovery/x86_64/..%2Fsecret".into()).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 }
+
+/// Media keys: created with a secret, listed without one, shown again with the same one;
+/// machines enroll with it (each its own host, in the key's datacenter) until it is revoked.
+#[tokio::test]
+async fn media_keys_round_trip_and_enroll_until_revoked() {
+    let api = api().await;
+    api.call(Method::POST, "/v1/datacenters", Some(json!({"name": "lab"}))).await;
+    api.call(Method::POST, "/v1/datacenters", Some(json!({"name": "home"}))).await;
+    let create = |body: Value| api.call(Method::POST, "/v1/media-keys", Some(body));
+
+    let (status, usb) =
+        create(json!({"name": "usb", "datacenter": "lab", "ttl_seconds": 2592000})).await;
+    assert_eq!(status, StatusCode::CREATED, "{usb}");
+    let secret = usb["secret"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("ctpf_mk_") && secret.len() == 72, "{secret}");
+    assert_eq!((usb["datacenter"].as_str(), usb["enrollments"].as_u64()), (Some("lab"), Some(0)));
+    assert_eq!(usb["revoked_at"], Value::Null);
+
+    // Duplicate names, unknown datacenters and bad input.
+    let (status, body) =
+        create(json!({"name": "usb", "datacenter": "home", "ttl_seconds": 60})).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (status, body) =
+        create(json!({"name": "x", "datacenter": "nowhere", "ttl_seconds": 60})).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_invalid(
+        create(json!({"name": "USB", "datacenter": "lab", "ttl_seconds": 60})).await,
+        "name",
+    );
+    assert_invalid(create(json!({"name": "x", "datacenter": "lab"})).await, "body");
+    assert_invalid(
+        create(json!({"name": "x", "datacenter": "lab", "ttl_seconds": 0})).await,
+        "ttl_seconds",
+    );
+    let year_and_a_day = json!({"name": "x", "datacenter": "lab", "ttl_seconds": 366 * 86400});
+    assert_invalid(create(year_and_a_day).await, "ttl_seconds");
+    assert_invalid(api.call(Method::GET, "/v1/media-keys/Bad_Name", None).await, "name");
+    assert_invalid(api.call(Method::GET, "/v1/media-keys?tag=a=b", None).await, "tag");
+    let (status, _) = api.call(Method::GET, "/v1/media-keys/nope", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    // Show gives the same secret; lists never carry one and filter by datacenter.
+    let (status, shown) = api.call(Method::GET, "/v1/media-keys/usb", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown["secret"], secret.as_str());
+    create(json!({"name": "iso", "datacenter": "home", "ttl_seconds": 60})).await;
+    let (status, all) = api.call(Method::GET, "/v1/media-keys", None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(names(&all), ["iso", "usb"]);
+    assert!(all.as_array().unwrap().iter().all(|k| k.get("secret").is_none()), "{all}");
+    let (_, lab) = api.call(Method::GET, "/v1/media-keys?datacenter=lab", None).await;
+    assert_eq!(names(&lab), ["usb"]);
+
+    // A media key is no admin token.
+    let req = Request::get("/v1/hosts").header(header::AUTHORIZATION, format!("Bearer {secret}"));
+    assert_eq!(api.raw(req.body(Body::empty()).unwrap()).await.0, StatusCode::UNAUTHORIZED);
+
+    // Two machines, one key: two hosts in lab. The first one again: the same host.
+    let machine = |mac: &str| json!({"macs": [mac], "arch": "x86_64"});
+    let (status, first) = api.enroll(secret.clone(), machine("52:54:00:dd:00:01")).await;
+    assert_eq!(status, StatusCode::CREATED, "{first}");
+    assert_eq!(
+        (first["datacenter"].as_str(), first["media_key"].as_str()),
+        (Some("lab"), Some("usb"))
+    );
+    let (status, second) = api.enroll(secret.clone(), machine("52:54:00:dd:00:02")).await;
+    assert_eq!(status, StatusCode::CREATED, "{second}");
+    assert_ne!(first["id"], second["id"]);
+    let (status, again) = api.enroll(secret.clone(), machine("52:54:00:dd:00:01")).await;
+    assert_eq!(status, StatusCode::OK, "{again}");
+    assert_eq!(again["id"], first["id"]);
+    let (_, hosts) = api.call(Method::GET, "/v1/hosts?datacenter=lab", None).await;
+    assert_eq!(count(&hosts), 2);
+    let (_, shown) = api.call(Method::GET, "/v1/media-keys/usb", None).await;
+    assert_eq!(shown["enrollments"], 3);
+
+    // Revoked: 403 from then on; revoking again is fine; unknown keys are 404.
+    let (status, revoked) = api.call(Method::POST, "/v1/media-keys/usb/revoke", None).await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    assert!(revoked["revoked_at"].is_string() && revoked.get("secret").is_none(), "{revoked}");
+    let (status, again) = api.call(Method::POST, "/v1/media-keys/usb/revoke", None).await;
+    assert_eq!((status, &again["revoked_at"]), (StatusCode::OK, &revoked["revoked_at"]));
+    let (status, _) = api.call(Method::POST, "/v1/media-keys/nope/revoke", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, body) = api.enroll(secret.clone(), machine("52:54:00:dd:00:03")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("revoked"), "{body}");
+    let (status, _) =
+        api.enroll(format!("ctpf_mk_{}", "0".repeat(64)), machine("52:54:00:dd:00:03")).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    // Events name the key, never the secret.
+    let (_, events) = api.call(Method::GET, "/v1/events?limit=1000", None).await;
+    let kinds: Vec<&str> =
+        events.as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "media_key_created").count(), 2);
+    assert_eq!(kinds.iter().filter(|k| **k == "media_key_revoked").count(), 1);
+    let enrolled: Vec<&Value> =
+        events.as_array().unwrap().iter().filter(|e| e["type"] == "host_enrolled").collect();
+    assert!(enrolled.iter().all(|e| e["media_key"] == "usb"), "{enrolled:?}");
+    assert!(!events.to_string().contains(&secret));
+}

@@ -1,11 +1,13 @@
 //! Enrollment: a booted machine registers itself with a token it was handed (in its kernel
-//! command line or on its boot medium). The token is consumed in the same commit that writes
-//! the host, so a token can never enroll more machines than it allows, even when used twice
-//! at once. A machine keeps one identity across reboots: it is recognised by its SMBIOS UUID
-//! first, then by any of its MACs.
+//! command line or on its boot medium): a one-time token, or a media key (`ctpf_mk_...`, see
+//! `media_keys`). The token is consumed, or the media key's count raised, in the same commit
+//! that writes the host, so a token can never enroll more machines than it allows and no
+//! enrollment goes uncounted, even when used twice at once. A machine keeps one identity
+//! across reboots: it is recognised by its SMBIOS UUID first, then by any of its MACs.
 
 use ctpf_common::{
-    Datacenter, EventBody, Host, HostReport, HostState, NewEvent, NewHost, OffsetDateTime, Uuid,
+    Datacenter, EventBody, Host, HostReport, HostState, MediaKeySecret, Name, NewEvent, NewHost,
+    OffsetDateTime, Uuid,
 };
 use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
 
@@ -20,50 +22,59 @@ fn meaningful_uuid(uuid: Option<Uuid>) -> Option<Uuid> {
     uuid.filter(|u| !u.is_nil() && !u.is_max())
 }
 
+/// What an enrollment's credential contributes to its commit: the compare-and-swap write that
+/// uses it up (one-time token) or counts it (media key), the datacenter a new host joins, and
+/// the media key's name.
+#[derive(Debug)]
+struct Claim {
+    write: Write,
+    datacenter: Name,
+    media_key: Option<Name>,
+}
+
 impl Registry {
-    /// Enrolls the machine described by `report` with `token`. Returns the host and whether
-    /// it is new. Unknown, used and expired tokens are refused with
-    /// [`RegistryError::Forbidden`] and recorded as `enrollment_refused` events.
+    /// Enrolls the machine described by `report` with `token` (a one-time enrollment token
+    /// or a media key's secret). Returns the host and whether it is new. A new host joins the
+    /// credential's datacenter; a known one stays where it is. Unknown, used, expired and
+    /// revoked credentials are refused with [`RegistryError::Forbidden`] and recorded as
+    /// `enrollment_refused` events.
     pub async fn enroll(
         &self,
         token: &str,
         report: HostReport,
     ) -> Result<(Host, bool), RegistryError> {
         report.validate()?;
-        let key = token_key(token);
         // Conflicts mean another enrollment or registration raced this one; look again.
-        for _ in 0..16 {
-            let (record, version, datacenter) = self.usable_enrollment_token(token).await?;
+        for _ in 0..32 {
             let now = OffsetDateTime::now_utc();
-            let mut consumed = record.clone();
-            consumed.uses_left = record.uses_left.map(|n| n - 1);
-            let commit = Commit::new().write(Write::put(
-                Table::Tokens,
-                &key,
-                encode(&consumed)?,
-                Precondition::Version(version),
-            ));
+            let claim = self.enrollment_claim(token, now).await?;
+            let commit = Commit::new().write(claim.write);
+            let media_key = claim.media_key.as_ref();
             let (commit, host, new) = match self.find_enrolling_host(&report).await? {
                 Some((host, version)) => {
-                    self.update_enrolled(commit, host, version, &report, now)?
+                    self.update_enrolled(commit, host, version, &report, media_key, now)?
                 }
-                None => match self.create_enrolled(commit, &datacenter, &report, now).await? {
+                None => match self
+                    .create_enrolled(commit, &claim.datacenter, &report, media_key, now)
+                    .await?
+                {
                     Some(created) => created,
                     None => {
                         return Err(RegistryError::NotFound {
                             kind: "datacenter",
-                            id: datacenter.to_string(),
+                            id: claim.datacenter.to_string(),
                         });
                     }
                 },
             };
             let commit = commit.event(NewEvent::new(
                 Some(host.datacenter.clone()),
-                EventBody::HostEnrolled { host_id: host.id, new },
+                EventBody::HostEnrolled { host_id: host.id, new, media_key: claim.media_key },
             ));
             match self.state.commit(commit).await {
                 Ok(_) => {
-                    tracing::info!(host = %host.id, datacenter = %host.datacenter, new, "host enrolled");
+                    tracing::info!(host = %host.id, datacenter = %host.datacenter, new,
+                        media_key = host.media_key.as_ref().map(Name::as_str), "host enrolled");
                     return Ok((host, new));
                 }
                 Err(StateError::Conflict { .. }) => continue,
@@ -73,13 +84,60 @@ impl Registry {
         Err(RegistryError::Refused("enrollment kept conflicting with other changes; retry".into()))
     }
 
+    /// The datacenter `token` (a one-time token or a media key) enrolls a new machine into,
+    /// if it may enroll one now; otherwise [`RegistryError::Forbidden`] (logged and
+    /// recorded). Changes nothing, so the API can check a credential before it even reads the
+    /// request body.
+    pub async fn check_enrollment(&self, token: &str) -> Result<Name, RegistryError> {
+        if MediaKeySecret::is_media_key(token) {
+            let (key, _) = self.usable_media_key(token).await?;
+            return Ok(key.key.datacenter);
+        }
+        let (_, _, datacenter) = self.usable_enrollment_token(token).await?;
+        Ok(datacenter)
+    }
+
+    /// Checks `token` and returns the write that uses it up (compare-and-swap on its record).
+    async fn enrollment_claim(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<Claim, RegistryError> {
+        if MediaKeySecret::is_media_key(token) {
+            let (mut key, version) = self.usable_media_key(token).await?;
+            key.key.enrollments = key.key.enrollments.saturating_add(1);
+            key.key.last_used_at = Some(now);
+            let write = Write::put(
+                Table::MediaKeys,
+                key.key.name.as_str(),
+                encode(&key)?,
+                Precondition::Version(version),
+            );
+            return Ok(Claim {
+                write,
+                datacenter: key.key.datacenter,
+                media_key: Some(key.key.name),
+            });
+        }
+        let (record, version, datacenter) = self.usable_enrollment_token(token).await?;
+        let mut consumed = record;
+        consumed.uses_left = consumed.uses_left.map(|n| n - 1);
+        let write = Write::put(
+            Table::Tokens,
+            token_key(token),
+            encode(&consumed)?,
+            Precondition::Version(version),
+        );
+        Ok(Claim { write, datacenter, media_key: None })
+    }
+
     /// The token's record, version and datacenter if it may enroll a machine now; otherwise
     /// [`RegistryError::Forbidden`] (logged and recorded). Changes nothing, so the API can
     /// check a token before it even reads the request body.
     pub async fn usable_enrollment_token(
         &self,
         token: &str,
-    ) -> Result<(TokenRecord, u64, ctpf_common::Name), RegistryError> {
+    ) -> Result<(TokenRecord, u64, Name), RegistryError> {
         let key = token_key(token);
         let Some(stored) = self.state.get(Table::Tokens, &key).await? else {
             return Err(self.refuse("unknown enrollment token").await);
@@ -101,7 +159,7 @@ impl Registry {
     }
 
     /// Logs and records a refused enrollment, and returns the error to answer with.
-    async fn refuse(&self, reason: &str) -> RegistryError {
+    pub(crate) async fn refuse(&self, reason: &str) -> RegistryError {
         tracing::warn!(reason, "enrollment refused");
         let event = NewEvent::new(None, EventBody::EnrollmentRefused { reason: reason.to_owned() });
         if let Err(e) = self.state.commit(Commit::new().event(event)).await {
@@ -145,6 +203,7 @@ impl Registry {
         mut host: Host,
         version: u64,
         report: &HostReport,
+        media_key: Option<&Name>,
         now: OffsetDateTime,
     ) -> Result<(Commit, Host, bool), RegistryError> {
         let id = host.id.to_string();
@@ -175,6 +234,9 @@ impl Registry {
         host.arch = Some(report.arch);
         host.addresses = report.addresses.clone();
         host.inventory = report.inventory.clone();
+        if let Some(key) = media_key {
+            host.media_key = Some(key.clone());
+        }
         host.updated_at = now;
         let commit = commit.write(Write::put(
             Table::Hosts,
@@ -191,8 +253,9 @@ impl Registry {
     async fn create_enrolled(
         &self,
         commit: Commit,
-        datacenter: &ctpf_common::Name,
+        datacenter: &Name,
         report: &HostReport,
+        media_key: Option<&Name>,
         now: OffsetDateTime,
     ) -> Result<Option<(Commit, Host, bool)>, RegistryError> {
         let Some(stored) = self.state.get(Table::Datacenters, datacenter.as_str()).await? else {
@@ -210,6 +273,7 @@ impl Registry {
         };
         let mut host = Host::new(Uuid::now_v7(), new, HostState::Discovered, now);
         host.inventory = report.inventory.clone();
+        host.media_key = media_key.cloned();
         let id = host.id.to_string();
         let mut commit = commit
             .write(Write::put(

@@ -1,5 +1,5 @@
 //! Registries: what ctpf knows. Datacenters with their tags, hosts, SSH keys, artifact names,
-//! jobs, API tokens and the event log, kept in a [`StateStore`] as JSON records.
+//! jobs, API tokens, media keys and the event log, kept in a [`StateStore`] as JSON records.
 //!
 //! Every change is one atomic commit that also appends its event, so the event log never
 //! claims something the records do not show. Jobs are recorded here first and then put on
@@ -18,6 +18,7 @@ use ctpf_store::state::{Commit, Precondition, Record, StateError, StateStore, Ta
 use serde::{Serialize, de::DeserializeOwned};
 
 mod enroll;
+mod media_keys;
 mod tokens;
 
 pub use tokens::generate_token;

@@ -33,6 +33,7 @@ mod builds;
 mod download;
 mod error;
 mod extract;
+mod media_keys;
 mod packages;
 
 pub use error::ApiError;
@@ -92,6 +93,9 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(packages::package_logs))
         .routes(routes!(list_events))
         .routes(routes!(issue_enrollment_token))
+        .routes(routes!(media_keys::list_media_keys, media_keys::create_media_key))
+        .routes(routes!(media_keys::get_media_key))
+        .routes(routes!(media_keys::revoke_media_key))
         .routes(routes!(enroll))
         .routes(routes!(boot::entry_script))
         .routes(routes!(boot::machine_script))
@@ -460,8 +464,8 @@ async fn cancel_job(
 
 // ---- enrollment ----
 
-/// The bearer token of an enrollment request, checked (401 when absent, 403 when unusable)
-/// before the body is read.
+/// The bearer token of an enrollment request (a one-time token or a media key), checked (401
+/// when absent, 403 when unusable) before the body is read.
 #[derive(Debug)]
 struct EnrollmentBearer(String);
 
@@ -473,7 +477,7 @@ impl axum::extract::FromRequestParts<AppState> for EnrollmentBearer {
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
         let token = bearer(&parts.headers).ok_or_else(ApiError::unauthorized)?;
-        state.registry.usable_enrollment_token(token).await?;
+        state.registry.check_enrollment(token).await?;
         Ok(Self(token.to_owned()))
     }
 }
@@ -530,9 +534,10 @@ async fn issue_enrollment_token(
     Ok((StatusCode::CREATED, Json(issued)))
 }
 
-/// A booted machine registers itself. Authorized by its enrollment token (not an admin
-/// token); unknown, used and expired tokens get 403. The same machine enrolling again keeps
-/// its host record (matched by SMBIOS UUID, then MAC): 200 instead of 201.
+/// A booted machine registers itself. Authorized by its enrollment token or media key (not
+/// an admin token); unknown, used, expired and revoked ones get 403. The same machine
+/// enrolling again keeps its host record (matched by SMBIOS UUID, then MAC): 200 instead of
+/// 201.
 #[utoipa::path(post, path = "/v1/enroll", tag = "enrollment", request_body = HostReport,
     security(("bearer" = [])),
     responses((status = 201, body = Host), (status = 200, body = Host), (status = 400, body = ErrorBody),

@@ -29,10 +29,15 @@ pub enum Table {
     /// Unique keys that point at a host (`mac:...`, `uuid:...`), so one machine never gets
     /// two identities even when two registrations race.
     HostIndex,
+    /// Media keys by name (registries' `MediaKeyWithSecret`).
+    MediaKeys,
+    /// SHA-256 (hex) of a media key's secret -> the key's name, so enrollment finds a key in
+    /// one lookup.
+    MediaKeyIndex,
 }
 
 impl Table {
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 9] = [
         Table::Datacenters,
         Table::Hosts,
         Table::SshKeys,
@@ -40,6 +45,8 @@ impl Table {
         Table::Jobs,
         Table::Artifacts,
         Table::HostIndex,
+        Table::MediaKeys,
+        Table::MediaKeyIndex,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +58,8 @@ impl Table {
             Table::Jobs => "jobs",
             Table::Artifacts => "artifacts",
             Table::HostIndex => "host_index",
+            Table::MediaKeys => "media_keys",
+            Table::MediaKeyIndex => "media_key_index",
         }
     }
 }
