@@ -164,11 +164,24 @@ async fn build(
                 let dir = format!("discovery/{}", arch_name(arch));
                 inputs.insert(format!("{dir}/vmlinuz"), kernel);
                 inputs.insert(format!("{dir}/initrd"), initrd);
-                for file in crate::boot_artifacts::HTTP_BOOT_FILES {
+                let loaders = crate::boot_artifacts::HTTP_BOOT_FILES;
+                for file in loaders {
                     let name = crate::boot_artifacts::boot_file_artifact(file);
                     if let Some(input) = artifacts.get(&name) {
                         inputs.insert((*file).to_owned(), *input);
                     }
+                }
+                if inputs.len() == 2 {
+                    let names: Vec<String> = loaders
+                        .iter()
+                        .map(|f| crate::boot_artifacts::boot_file_artifact(f))
+                        .collect();
+                    bail!(
+                        "a PXE bundle needs boot loaders, and none of {} is stored (`ctpf up \
+                         --boot-interface` stores them; or `ctpf artifacts push FILE --name \
+                         boot-ipxe.efi --kind bootloader`)",
+                        names.join(", ")
+                    );
                 }
             }
             MediaFormat::Raspi => {
