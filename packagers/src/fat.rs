@@ -303,6 +303,11 @@ impl FatPlan {
         self.geometry.total_sectors * SECTOR
     }
 
+    /// Sectors before the file system on its disk, as recorded in the boot sector.
+    pub fn hidden_sectors(&self) -> u32 {
+        self.hidden_sectors
+    }
+
     /// Writes the image to `out` in one pass; returns the bytes written ([`FatPlan::size`]).
     pub fn write<W: Write>(&self, out: &mut W) -> Result<u64, FatError> {
         let g = &self.geometry;

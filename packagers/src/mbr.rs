@@ -6,6 +6,9 @@
 const HEADS: u64 = 64;
 const SECTORS_PER_TRACK: u64 = 32;
 
+/// Partition type of a FAT32 file system addressed by LBA (the Raspberry Pi boot partition).
+pub const FAT32_LBA: u8 = 0x0C;
+
 /// One 16-byte partition entry for `sectors` 512-byte sectors from `start`.
 pub fn entry(bootable: bool, kind: u8, start: u64, sectors: u64) -> [u8; 16] {
     let mut e = [0u8; 16];
