@@ -7,8 +7,11 @@
 //! general file system's allocation logic, and planning it makes the output reproducible:
 //! fixed volume id and label, one timestamp, names sorted, clusters assigned in order.
 //!
-//! Names: a name that is already a valid upper-case 8.3 name is stored as such; any other
-//! gets VFAT long-name entries and a generated `BASENA~N.EXT` short name.
+//! Names: a name that is a valid 8.3 name once upper-cased is stored as that short name,
+//! all-lower-case parts marked by the NT case flags (as Windows and Linux store them), so
+//! readers of short names only (the Raspberry Pi boot ROM looking for `BOOTCODE.BIN`) find
+//! it; mixed-case names add VFAT long-name entries. Any other name gets long-name entries
+//! and a generated `BASENA~N.EXT` short name.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -24,6 +27,9 @@ const ATTR_VOLUME_ID: u8 = 0x08;
 const ATTR_DIRECTORY: u8 = 0x10;
 const ATTR_ARCHIVE: u8 = 0x20;
 const ATTR_LONG_NAME: u8 = 0x0F;
+/// NT case flags (byte 12 of a short entry): the base name / extension reads lower-case.
+const CASE_LOWER_BASE: u8 = 0x08;
+const CASE_LOWER_EXT: u8 = 0x10;
 /// FAT12/16 root directory entries (a fixed region of 32 sectors).
 const ROOT_ENTRIES: u64 = 512;
 /// FAT32: reserved sectors (boot sector, FSInfo, backup boot sector at 6).
@@ -490,10 +496,11 @@ impl FatPlan {
         }
         for (name, node) in &dir.children {
             let short = self.short_names[index][name];
-            if needs_long_name(name, &short) {
+            let case = case_flags(name, &short);
+            if case.is_none() {
                 out.extend_from_slice(&long_name_entries(name, &short));
             }
-            let entry = match *node {
+            let mut entry = match *node {
                 Node::Dir(d) => {
                     short_entry(&short, ATTR_DIRECTORY, self.dirs[d].first_cluster, 0, date, time)
                 }
@@ -503,6 +510,7 @@ impl FatPlan {
                     short_entry(&short, ATTR_ARCHIVE, file.first_cluster, size, date, time)
                 }
             };
+            entry[12] = case.unwrap_or(0);
             out.extend_from_slice(&entry);
         }
         out
@@ -576,9 +584,29 @@ fn long_name_entries(name: &str, short: &[u8; 11]) -> Vec<u8> {
     out
 }
 
-/// Whether `name` is exactly its short name (upper-case 8.3), so no long name is needed.
+/// Whether `name` needs long-name entries: it does unless its short name and case flags
+/// ([`case_flags`]) spell it.
 fn needs_long_name(name: &str, short: &[u8; 11]) -> bool {
-    short_form(name).as_ref() != Some(short)
+    case_flags(name, short).is_none()
+}
+
+/// The NT case flags under which `short` reads back as `name` (0 for an upper-case 8.3
+/// name, [`CASE_LOWER_BASE`]/[`CASE_LOWER_EXT`] for all-lower-case parts), or `None` when no
+/// flags do: another short name, or a part of mixed case.
+fn case_flags(name: &str, short: &[u8; 11]) -> Option<u8> {
+    if short_form(&name.to_ascii_uppercase()).as_ref() != Some(short) {
+        return None;
+    }
+    let (base, ext) = name.split_once('.').unwrap_or((name, ""));
+    let flag = |part: &str, lower: u8| match (
+        part.bytes().any(|b| b.is_ascii_lowercase()),
+        part.bytes().any(|b| b.is_ascii_uppercase()),
+    ) {
+        (true, true) => None,
+        (true, false) => Some(lower),
+        (false, _) => Some(0),
+    };
+    Some(flag(base, CASE_LOWER_BASE)? | flag(ext, CASE_LOWER_EXT)?)
 }
 
 /// The 11-byte form of a name that is already a valid upper-case 8.3 name.
@@ -599,8 +627,9 @@ fn short_form(name: &str) -> Option<[u8; 11]> {
     Some(out)
 }
 
-/// Short names for one directory's children: valid 8.3 names as they are, the others
-/// `BASENA~N.EXT` (numbered in name order, unique in the directory).
+/// Short names for one directory's children: valid 8.3 names as they are, then names that
+/// are 8.3 once upper-cased as that (first come in name order), the others `BASENA~N.EXT`
+/// (numbered in name order, unique in the directory).
 fn assign_short_names(children: &BTreeMap<String, Node>) -> BTreeMap<String, [u8; 11]> {
     let mut taken: HashSet<[u8; 11]> =
         children.keys().filter_map(|name| short_form(name)).collect();
@@ -609,6 +638,11 @@ fn assign_short_names(children: &BTreeMap<String, Node>) -> BTreeMap<String, [u8
         .map(|name| {
             if let Some(short) = short_form(name) {
                 return (name.clone(), short);
+            }
+            if let Some(upper) = short_form(&name.to_ascii_uppercase())
+                && taken.insert(upper)
+            {
+                return (name.clone(), upper);
             }
             let clean =
                 |s: &str| -> Vec<u8> {
@@ -802,8 +836,12 @@ mod tests {
         let names = [
             "BOOTX64.EFI",
             "grub.cfg",
+            "bootcode.bin",
+            "vmlinuz",
+            "Mixed.txt",
             "bcm2711-rpi-4-b.dtb",
             "bcm2711-rpi-400.dtb",
+            "CONFIG.TXT",
             "config.txt",
             "README",
         ];
@@ -815,9 +853,20 @@ mod tests {
         assert_eq!(text("README"), "README     ");
         assert_eq!(text("bcm2711-rpi-4-b.dtb"), "BCM271~1DTB");
         assert_eq!(text("bcm2711-rpi-400.dtb"), "BCM271~2DTB");
-        assert_eq!(text("grub.cfg"), "GRUB~1  CFG");
-        assert!(!needs_long_name("BOOTX64.EFI", &short["BOOTX64.EFI"]));
-        assert!(needs_long_name("grub.cfg", &short["grub.cfg"]));
+        // Lower-case 8.3 names keep their plain short names, as short-name readers look them up.
+        assert_eq!(text("grub.cfg"), "GRUB    CFG");
+        assert_eq!(text("bootcode.bin"), "BOOTCODEBIN");
+        assert_eq!(text("vmlinuz"), "VMLINUZ    ");
+        assert_eq!(text("Mixed.txt"), "MIXED   TXT");
+        assert_eq!(text("CONFIG.TXT"), "CONFIG  TXT");
+        assert_eq!(text("config.txt"), "CONFIG~1TXT", "its plain short name is taken");
+        let flags = |n: &str| case_flags(n, &short[n]);
+        assert_eq!(flags("BOOTX64.EFI"), Some(0));
+        assert_eq!(flags("grub.cfg"), Some(CASE_LOWER_BASE | CASE_LOWER_EXT));
+        assert_eq!(flags("vmlinuz"), Some(CASE_LOWER_BASE));
+        for long in ["Mixed.txt", "config.txt", "bcm2711-rpi-4-b.dtb"] {
+            assert!(needs_long_name(long, &short[long]), "{long}");
+        }
     }
 
     #[test]
