@@ -3,7 +3,8 @@
 //!
 //! - [`iso9660`]: hybrid ISO 9660 images (Rock Ridge, El Torito BIOS + UEFI, isohybrid MBR);
 //! - [`fat`]: FAT file system images (EFI system partitions, Raspberry Pi boot partitions);
-//! - [`disk`]: raw disk images (GPT + ESP for UEFI USB sticks);
+//! - [`disk`]: raw disk images (GPT + ESP for UEFI USB sticks, MBR + FAT32 for the Raspberry
+//!   Pi);
 //! - [`mbr`]: MBR partition entries;
 //! - [`media`]: the layout and boot configs of ctpf's boot media;
 //! - [`pxe_bundle`]: the deterministic tar of the tree a distributor serves;
