@@ -262,4 +262,8 @@ fn the_gpt_stick_image_passes_sgdisk_and_fsck_and_is_reproducible() {
         out.to_str().unwrap(),
     ]));
     assert_eq!(std::fs::read(out).unwrap(), b"linux /boot/vmlinuz\n");
+    // GRUB's own FAT driver, which finds the medium by this file (its 8.3 name, lower case by
+    // the NT case flags).
+    let grub = run(Command::new("grub-fstest").arg(&part).args(["cat", "/ctpf/grub.cfg"]));
+    assert_eq!(grub, "linux /boot/vmlinuz\n");
 }
