@@ -453,11 +453,13 @@ pub fn raspi_config_txt() -> String {
 
 /// The Pi firmware's `cmdline.txt`: the kernel command line, one line.
 ///
-/// `ttyS1` rather than the usual `serial0`: the firmware rewrites `serial0` to the
-/// downstream kernel's name for the GPIO 14/15 UART (`ttyS0`), but in the upstream device
-/// trees of Debian's kernel that mini UART is alias `serial1`, hence `ttyS1` (also the trees'
-/// `stdout-path`; Debian's raspi-firmware hook writes `ttyS1` too). `tty1` (HDMI) comes last
-/// and is `/dev/console`, unless `kernel_words` name a console of their own.
+/// `ttyS1` rather than the usual `serial0`: the firmware rewrites `serial0` to `ttyS0`, the
+/// GPIO 14/15 mini UART's name under Raspberry Pi's downstream trees (whose bootargs limit
+/// the kernel to one 8250 port, `8250.nr_uarts=1`). Debian's upstream trees have no such
+/// bootargs and give the mini UART alias `serial1`, so Debian's kernel names it `ttyS1` (the
+/// trees' `stdout-path` too; Debian's raspi-firmware hook writes `ttyS1`, and QEMU's
+/// `raspi3b` shows it). Only one `ttyS` console can be named: the 8250 driver has one. `tty1`
+/// (HDMI) comes last and is `/dev/console`, unless `kernel_words` name a console of their own.
 pub fn raspi_cmdline_txt(config: &MediaConfig) -> String {
     let mut line = String::from("console=ttyS1,115200 console=tty1");
     for word in &config.kernel_words {
