@@ -41,6 +41,7 @@ use crate::tools;
 pub const MANIFEST_REF_PREFIX: &str = "builds";
 const GRUB_RECIPE_VERSION: &str = "ctpf-grub/1";
 const SYSLINUX_RECIPE_VERSION: &str = "ctpf-syslinux/1";
+const RASPI_FIRMWARE_RECIPE_VERSION: &str = "ctpf-raspi-firmware/1";
 /// Largest manifest read back from the store (they are a few KiB).
 const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 
@@ -243,6 +244,15 @@ pub fn validate(request: &BuildRequest) -> Result<(), BuildError> {
             }
         }
         BuildRequest::Syslinux {} => {}
+        BuildRequest::RaspiFirmware { firmware, linux } => {
+            for (what, path) in [("firmware", firmware), ("linux", linux)] {
+                if !path.starts_with('/') {
+                    return Err(BuildError::Invalid(format!(
+                        "raspi_firmware {what} must be an absolute path on the builder, not {path:?}"
+                    )));
+                }
+            }
+        }
         BuildRequest::Discovery { linux, busybox, agent } => {
             for (what, path) in [("linux", linux), ("busybox", busybox), ("agent", agent)] {
                 if !path.starts_with('/') {
@@ -273,6 +283,8 @@ enum Work {
     /// The plan, and the staged source it copies from (kept until the build is done).
     Ipxe(Box<IpxePlan>, StagedSource),
     Syslinux,
+    /// Each file by its path on the boot partition.
+    RaspiFirmware(BTreeMap<String, PathBuf>),
     Discovery(DiscoverySources, Box<DiscoveryPlan>),
 }
 
@@ -418,6 +430,9 @@ impl Inner {
                 })
             }
             BuildRequest::Syslinux {} => self.plan_syslinux().await,
+            BuildRequest::RaspiFirmware { firmware, linux } => {
+                plan_raspi_firmware(firmware.into(), linux.into()).await
+            }
             BuildRequest::Discovery { linux, busybox, agent } => {
                 let sources = DiscoverySources {
                     linux_root: linux.into(),
@@ -648,6 +663,13 @@ impl Inner {
                 }
                 Ok(files)
             }
+            Work::RaspiFirmware(files) => {
+                log.say(format!("{} Raspberry Pi boot files", files.len()));
+                Ok(files
+                    .iter()
+                    .map(|(name, path)| (name.clone(), ArtifactKind::Bootloader, path.clone()))
+                    .collect())
+            }
             Work::Discovery(sources, discovery) => {
                 log.say(format!(
                     "initramfs: kernel {}, {} modules, busybox, agent",
@@ -672,6 +694,41 @@ impl Inner {
             }
         }
     }
+}
+
+/// Picks the firmware and device trees (`packagers::media::RaspiFiles::from_debian`'s rules)
+/// and keys them by digest.
+async fn plan_raspi_firmware(firmware: PathBuf, linux: PathBuf) -> Result<Plan, BuildError> {
+    let (files, digests) = tokio::task::spawn_blocking(move || {
+        let stand_in = ctpf_packagers::iso9660::Source::Bytes(Vec::new());
+        let picked = ctpf_packagers::media::RaspiFiles::from_debian(&firmware, &linux, stand_in)
+            .map_err(|e| BuildError::Invalid(format!("raspi_firmware: {e}")))?;
+        let mut files = BTreeMap::new();
+        let mut digests = BTreeMap::new();
+        for (name, source) in picked.firmware {
+            let ctpf_packagers::iso9660::Source::File { path, .. } = source else { continue };
+            let (digest, _) = file_sha256(&path).map_err(io_error("reading", &path))?;
+            digests.insert(name.clone(), digest);
+            files.insert(name, path);
+        }
+        Ok::<_, BuildError>((files, digests))
+    })
+    .await
+    .map_err(|e| BuildError::Transient(format!("collecting Raspberry Pi files: {e}")))??;
+    let mut key = FieldHasher::default();
+    key.field("recipe", RASPI_FIRMWARE_RECIPE_VERSION.as_bytes());
+    for (name, digest) in &digests {
+        key.field(name, digest.as_bytes());
+    }
+    let inputs = digests.into_iter().map(|(name, digest)| (name, digest.to_string())).collect();
+    Ok(Plan {
+        recipe: "raspi_firmware",
+        recipe_version: RASPI_FIRMWARE_RECIPE_VERSION.into(),
+        key: key.finish(),
+        inputs,
+        tools: BTreeMap::new(),
+        work: Work::RaspiFirmware(files),
+    })
 }
 
 fn manifest_ref(key: &Sha256Digest) -> String {

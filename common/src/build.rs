@@ -50,6 +50,15 @@ pub enum BuildRequest {
     },
     /// isolinux.bin, isohdpfx.bin, ldlinux.c32 and pxelinux.0 from Debian's packages.
     Syslinux {},
+    /// The Raspberry Pi boot files: firmware (`bootcode.bin`, `start*.elf`, `fixup*.dat`)
+    /// from Debian's raspi-firmware and the device trees of an arm64 kernel package. Each
+    /// output's `file` is its path on the Pi's boot partition.
+    RaspiFirmware {
+        /// The unpacked raspi-firmware package (`dpkg -x`), or `/`.
+        firmware: String,
+        /// The unpacked arm64 linux-image package (its `usr/lib/linux-image-*/broadcom`).
+        linux: String,
+    },
     /// The discovery image: kernel and initramfs with the NIC drivers, busybox and agent.
     Discovery {
         /// An unpacked Debian linux-image package (`dpkg -x`), or `/`.
@@ -67,6 +76,7 @@ impl BuildRequest {
             BuildRequest::Grub { .. } => "grub",
             BuildRequest::Ipxe { .. } => "ipxe",
             BuildRequest::Syslinux {} => "syslinux",
+            BuildRequest::RaspiFirmware { .. } => "raspi_firmware",
             BuildRequest::Discovery { .. } => "discovery",
         }
     }

@@ -25,6 +25,19 @@ pub struct ImageDefinition {
     pub boot: BootSection,
     #[serde(default)]
     pub artifacts: ArtifactsSection,
+    /// Where the builder finds the Raspberry Pi boot files (`raspi` media only).
+    #[serde(default)]
+    pub raspi: Option<RaspiSection>,
+}
+
+/// Paths on the builder, as the `raspi_firmware` build recipe takes them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RaspiSection {
+    /// The unpacked raspi-firmware package (`dpkg -x`), or `/` where it is installed.
+    pub firmware: String,
+    /// The unpacked arm64 linux-image package, for the device trees.
+    pub linux: String,
 }
 
 /// How the medium's discovery environment finds the manager.
@@ -110,8 +123,17 @@ impl ImageDefinition {
             ));
         }
         let arch = self.architectures[0];
-        if self.formats.contains(&MediaFormat::Raspi) && arch != Arch::Arm64 {
-            return Err(ParseError::new("formats", "raspi", "Raspberry Pi media are arm64"));
+        if self.formats.contains(&MediaFormat::Raspi) {
+            if arch != Arch::Arm64 {
+                return Err(ParseError::new("formats", "raspi", "Raspberry Pi media are arm64"));
+            }
+            if self.raspi.is_none() {
+                return Err(ParseError::new(
+                    "raspi",
+                    "",
+                    "raspi media need a [raspi] section with firmware and linux paths",
+                ));
+            }
         }
         if arch == Arch::Arm64
             && (self.artifacts.kernel.is_none() || self.artifacts.initrd.is_none())

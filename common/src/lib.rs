@@ -57,7 +57,7 @@ pub use enroll::{Disk, HostReport, Inventory};
 pub use error::ParseError;
 pub use event::{Event, EventBody, NewEvent};
 pub use host::{Arch, Host, HostPatch, HostState, NewHost};
-pub use image::{ArtifactsSection, BootSection, ImageDefinition};
+pub use image::{ArtifactsSection, BootSection, ImageDefinition, RaspiSection};
 pub use job::{Job, JobSpec, JobStatus, NewJob};
 pub use mac::MacAddr;
 pub use media_key::{MediaKey, MediaKeySecret, MediaKeyStatus, MediaKeyWithSecret, NewMediaKey};

@@ -62,6 +62,18 @@ pub enum BuildCmd {
         #[command(flatten)]
         common: BuildArgs,
     },
+    /// The Raspberry Pi boot files: firmware from Debian's raspi-firmware, device trees from
+    /// an arm64 kernel package.
+    RaspiFirmware {
+        /// The unpacked raspi-firmware package (dpkg -x), or /.
+        #[arg(long)]
+        firmware: PathBuf,
+        /// The unpacked arm64 linux-image package.
+        #[arg(long)]
+        linux: PathBuf,
+        #[command(flatten)]
+        common: BuildArgs,
+    },
     /// The discovery image (kernel and initramfs with NIC drivers, busybox and the agent).
     Discovery {
         /// An unpacked Debian linux-image package (dpkg -x), or /.
@@ -150,6 +162,10 @@ fn request(cmd: &BuildCmd) -> Result<(BuildRequest, &BuildArgs)> {
             (request, common)
         }
         BuildCmd::Syslinux { common } => (BuildRequest::Syslinux {}, common),
+        BuildCmd::RaspiFirmware { firmware, linux, common } => (
+            BuildRequest::RaspiFirmware { firmware: absolute(firmware)?, linux: absolute(linux)? },
+            common,
+        ),
         BuildCmd::Discovery { linux, busybox, agent, common } => {
             let request = BuildRequest::Discovery {
                 linux: absolute(linux)?,

@@ -13,7 +13,7 @@ use ctpf_common::{
     PackageRequest, TagSelector,
 };
 use ctpf_packagers::service::{
-    EFI_ARM64, EFI_X86_64, INITRD, ISOHDPFX_BIN, ISOLINUX_BIN, KERNEL, LDLINUX_C32,
+    EFI_ARM64, EFI_X86_64, FIRMWARE_PREFIX, INITRD, ISOHDPFX_BIN, ISOLINUX_BIN, KERNEL, LDLINUX_C32,
 };
 
 use crate::cli::{Cli, client, label, print};
@@ -185,7 +185,17 @@ async fn build(
                 }
             }
             MediaFormat::Raspi => {
-                bail!("raspi media are not built by `ctpf image build` yet")
+                let raspi = definition.raspi.as_ref().context("no [raspi] section")?;
+                inputs.insert(KERNEL.to_owned(), kernel);
+                inputs.insert(INITRD.to_owned(), initrd);
+                let request = BuildRequest::RaspiFirmware {
+                    firmware: raspi.firmware.clone(),
+                    linux: raspi.linux.clone(),
+                };
+                for output in run_build(api, request).await?.outputs {
+                    let input = InputArtifact { digest: output.digest, size: output.size };
+                    inputs.insert(format!("{FIRMWARE_PREFIX}{}", output.file), input);
+                }
             }
         }
         let request = PackageRequest {

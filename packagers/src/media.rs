@@ -475,6 +475,24 @@ pub fn raspi_cmdline_txt(config: &MediaConfig) -> String {
 /// from [`crate::disk::ALIGN_SECTORS`] by [`crate::disk::write_mbr_fat`]). It fills whole
 /// MiB, as its partition does.
 pub fn raspi_partition(files: &RaspiFiles, config: &MediaConfig) -> Result<FatPlan, MediaError> {
+    let spec = FatSpec {
+        label: RASPI_LABEL.into(),
+        volume_id: config.serial,
+        timestamp: config.timestamp,
+        kind: FatKind::Fat32,
+        size: None,
+        hidden_sectors: crate::disk::ALIGN_SECTORS as u32,
+        files: raspi_tree(files, config)?,
+    };
+    let fitted = FatPlan::new(&spec)?.size();
+    Ok(FatPlan::new(&FatSpec { size: Some(fitted.next_multiple_of(1024 * 1024)), ..spec })?)
+}
+
+/// Every file of the Raspberry Pi boot partition by path.
+pub fn raspi_tree(
+    files: &RaspiFiles,
+    config: &MediaConfig,
+) -> Result<BTreeMap<String, Source>, MediaError> {
     check_kernel_words(&config.kernel_words)?;
     let cmdline = raspi_cmdline_txt(config);
     let len = cmdline.trim_end().len();
@@ -494,17 +512,7 @@ pub fn raspi_partition(files: &RaspiFiles, config: &MediaConfig) -> Result<FatPl
     tree.insert("cmdline.txt".to_owned(), Source::Bytes(cmdline.into_bytes()));
     tree.insert("vmlinuz".to_owned(), files.kernel.clone());
     tree.insert("initrd.img".to_owned(), files.initrd.clone());
-    let spec = FatSpec {
-        label: RASPI_LABEL.into(),
-        volume_id: config.serial,
-        timestamp: config.timestamp,
-        kind: FatKind::Fat32,
-        size: None,
-        hidden_sectors: crate::disk::ALIGN_SECTORS as u32,
-        files: tree,
-    };
-    let fitted = FatPlan::new(&spec)?.size();
-    Ok(FatPlan::new(&FatSpec { size: Some(fitted.next_multiple_of(1024 * 1024)), ..spec })?)
+    Ok(tree)
 }
 
 #[cfg(test)]

@@ -510,9 +510,30 @@ fn write_medium(
             }
         }
         MediaFormat::Raspi => {
-            return Err(invalid(
-                "Raspberry Pi images are not written by this packager yet".to_owned(),
-            ));
+            boot_modes.push(BootMode::RaspberryPi);
+            let firmware = local
+                .keys()
+                .filter_map(|role| {
+                    let path = role.strip_prefix(FIRMWARE_PREFIX)?;
+                    Some(required(role).map(|source| (path.to_owned(), source)))
+                })
+                .collect::<Result<_, _>>()?;
+            let files = media::RaspiFiles {
+                kernel: required(KERNEL)?,
+                initrd: required(INITRD)?,
+                firmware,
+            };
+            let media_error = |e: media::MediaError| match e {
+                media::MediaError::Read { .. } | media::MediaError::Fat(_) => {
+                    PackageError::Transient(format!("writing the medium: {e}"))
+                }
+                e => invalid(e.to_string()),
+            };
+            let tree = media::raspi_tree(&files, &config).map_err(media_error)?;
+            let partition = media::raspi_partition(&files, &config).map_err(media_error)?;
+            let size = crate::disk::write_mbr_fat(out, &partition, config.serial)
+                .map_err(|e| failed("writing the disk image")(&e))?;
+            (size, tree)
         }
         MediaFormat::PxeBundle => {
             for path in local.keys() {

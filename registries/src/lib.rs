@@ -713,7 +713,8 @@ impl Registry {
     ) -> Result<Commit, RegistryError> {
         let key_tag = Tag::new("build-key", &manifest.key.hex()[..32])?;
         for output in &manifest.outputs {
-            let file_name = format!("{name}-{}", output.file);
+            // Outputs may sit in directories (`overlays/x.dtbo`); names are flat.
+            let file_name = format!("{name}-{}", output.file.replace('/', "-"));
             if let Some((current, _)) = self.get::<Artifact>(Table::Artifacts, &file_name).await?
                 && current.digest == output.digest
             {

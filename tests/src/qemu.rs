@@ -39,6 +39,20 @@ pub fn discovery_linux() -> Result<PathBuf> {
     Ok(dir)
 }
 
+/// The unpacked raspi-firmware and arm64 linux-image packages (kernel and device trees) that
+/// `.ci/run` prepares in the test cache (`raspi-firmware`, `linux-arm64`).
+pub fn raspi_trees() -> Result<(PathBuf, PathBuf)> {
+    let cache = target_dir()?.join("ctpf-test-cache");
+    let (firmware, linux) = (cache.join("raspi-firmware"), cache.join("linux-arm64"));
+    if !firmware.join("usr/lib/raspi-firmware").is_dir() || !linux.join("boot").is_dir() {
+        bail!(
+            "no unpacked raspi-firmware/arm64 linux-image in {}; .ci/run prepares them",
+            cache.display()
+        );
+    }
+    Ok((firmware, linux))
+}
+
 /// The static discovery agent, built for musl by cargo (a no-op when it is current).
 pub fn discovery_agent() -> Result<PathBuf> {
     const TARGET: &str = "x86_64-unknown-linux-musl";

@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, path::Path};
 use ctpf_common::{BootMode, PackageManifest, Sha256Digest};
 use ctpf_e2e::{
     CtpfProcess, ctpf_cli,
-    qemu::{discovery_agent, discovery_linux},
+    qemu::{discovery_agent, discovery_linux, raspi_trees},
 };
 use serde_json::Value;
 
@@ -172,6 +172,64 @@ fn an_image_definition_becomes_reproducible_media() {
     std::fs::write(&no_key, DEFINITION.replace("\"sticks\"", "\"gone\"")).unwrap();
     let err = up.refused(&["image", "build", no_key.to_str().unwrap()]);
     assert!(err.contains("media key gone"), "{err}");
+
+    // A Raspberry Pi image: the firmware through the raspi_firmware build, Debian's arm64
+    // kernel and a stand-in initrd as stored artifacts (ctpf has no arm64 discovery image).
+    let (firmware, linux) = raspi_trees().unwrap();
+    let kernel = std::fs::read_dir(linux.join("boot")).unwrap().next().unwrap().unwrap().path();
+    let initrd = dir.path().join("pi-initrd");
+    std::fs::write(&initrd, vec![0x1f; 100_000]).unwrap();
+    up.cli(&[
+        "artifacts",
+        "push",
+        kernel.to_str().unwrap(),
+        "--name",
+        "pi-vmlinuz",
+        "--kind",
+        "kernel",
+    ]);
+    up.cli(&[
+        "artifacts",
+        "push",
+        initrd.to_str().unwrap(),
+        "--name",
+        "pi-initrd",
+        "--kind",
+        "initrd",
+    ]);
+    let pi = dir.path().join("pi.toml");
+    std::fs::write(
+        &pi,
+        format!(
+            "name = \"pi\"\narchitectures = [\"arm64\"]\nformats = [\"raspi\"]\n\
+             [boot]\nmedia_key = \"sticks\"\nmanager_url = \"http://10.0.2.2:8080/\"\n\
+             [artifacts]\nkernel = \"pi-vmlinuz\"\ninitrd = \"pi-initrd\"\n\
+             [raspi]\nfirmware = {:?}\nlinux = {:?}\n",
+            firmware.to_str().unwrap(),
+            linux.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let media = up.build(&pi, &[]);
+    let image = &media["pi.img"];
+    assert_eq!(image.boot_modes, [BootMode::RaspberryPi]);
+    let files: Vec<&str> = image.contents.iter().map(|e| e.path.as_str()).collect();
+    for file in ["bootcode.bin", "start4.elf", "config.txt", "cmdline.txt", "vmlinuz", "initrd.img"]
+    {
+        assert!(files.contains(&file), "{file} not in {files:?}");
+    }
+    assert!(files.iter().any(|f| f.starts_with("bcm") && f.ends_with(".dtb")), "{files:?}");
+    let image_file = dir.path().join("pi.img");
+    up.cli(&["image", "download", "pi.img", "-o", image_file.to_str().unwrap()]);
+    let cmdline = std::process::Command::new("mtype")
+        .arg("-i")
+        .arg(format!("{}@@1M", image_file.display()))
+        .arg("::cmdline.txt")
+        .output()
+        .unwrap();
+    let cmdline = String::from_utf8_lossy(&cmdline.stdout);
+    assert!(cmdline.contains(&format!("ctpf.token={secret}")), "{cmdline}");
+    assert!(up.build(&pi, &[])["pi.img"].cached);
 
     // A stored input that went bad stops the packaging job, naming it.
     let initrd = iso.contents.iter().find(|e| e.path == "boot/initrd.img").unwrap();
