@@ -7,7 +7,11 @@
 //! are not appended behind garbage.
 //!
 //! Writes go through one dedicated writer thread: it takes every record queued, appends them
-//! with one `write`, calls `fdatasync` once, then confirms them all (group commit). While it
+//! with one `write`, calls `fdatasync` once, then confirms them all (group commit). The file
+//! is grown ahead of the records in zero-filled, fsynced steps ([`PREALLOCATE`]), so a batch
+//! overwrites blocks that already exist and its `fdatasync` has no size or block allocation
+//! to commit: only the data (the file system journal stays out of the hot path). Zeros are
+//! not a valid record, so recovery ends at the first of them. While it
 //! waits for the disk, the next batch queues up, so throughput is bounded by the batch size,
 //! not by the ~ms an fsync costs. When the journal has grown well past the live state it is
 //! compacted: a snapshot of the live entries goes to a temporary file, which is fsynced and
@@ -20,6 +24,7 @@ use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::Ipv4Addr;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
@@ -37,6 +42,8 @@ const MAGIC: [u8; 8] = *b"CTPFLL01";
 const FRAME: usize = 8;
 /// Larger than any payload; a bigger length is corruption, not a record.
 const MAX_PAYLOAD: usize = 64;
+/// The journal grows by this much zero-filled space at a time (about 40,000 records).
+const PREALLOCATE: u64 = 1 << 20;
 /// Upper bound on one group commit, so one batch's buffer and latency stay bounded.
 const MAX_BATCH: usize = 4096;
 
@@ -193,7 +200,7 @@ impl LeaseLog {
         config: LogConfig,
     ) -> Result<(Self, Vec<Record>), LogError> {
         let path = path.as_ref().to_owned();
-        let (file, records) = recover(&path)?;
+        let (file, records, end) = recover(&path)?;
         let mut state = State::default();
         for record in &records {
             state.apply(*record);
@@ -201,8 +208,11 @@ impl LeaseLog {
         let counters = Arc::new(Counters::default());
         counters.records_in_file.store(records.len() as u64, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
+        let allocated = file.metadata().map_err(|e| LogError::io("reading", &path, e))?.len();
         let writer = Writer {
             file,
+            end,
+            allocated,
             path,
             config,
             state,
@@ -350,6 +360,10 @@ impl State {
 
 struct Writer {
     file: File,
+    /// Where the next record goes: the end of the valid records.
+    end: u64,
+    /// The file's size; everything from `end` up to it is zeros.
+    allocated: u64,
     path: PathBuf,
     config: LogConfig,
     state: State,
@@ -408,9 +422,12 @@ impl Writer {
             encode(record, &mut buf);
         }
         let written = self
-            .file
-            .write_all(&buf)
-            .map_err(|e| LogError::io("appending to", &self.path, e))
+            .reserve(buf.len() as u64)
+            .and_then(|()| {
+                self.file
+                    .write_all_at(&buf, self.end)
+                    .map_err(|e| LogError::io("appending to", &self.path, e))
+            })
             .and_then(|()| {
                 self.counters.fsyncs.fetch_add(1, Ordering::Relaxed);
                 self.file.sync_data().map_err(|e| LogError::io("fsyncing", &self.path, e))
@@ -421,6 +438,7 @@ impl Writer {
             self.failed = true;
             return written;
         }
+        self.end += buf.len() as u64;
         for (record, _) in batch {
             self.state.apply(*record);
         }
@@ -428,6 +446,23 @@ impl Writer {
         self.records_in_file += n;
         self.counters.records.fetch_add(n, Ordering::Relaxed);
         self.counters.records_in_file.store(self.records_in_file, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes sure `len` bytes fit after `end` in zero-filled space that is already on disk
+    /// (written and fsynced, size included), growing the file by whole [`PREALLOCATE`] steps.
+    fn reserve(&mut self, len: u64) -> Result<(), LogError> {
+        if self.end + len <= self.allocated {
+            return Ok(());
+        }
+        let grown = (self.end + len).next_multiple_of(PREALLOCATE);
+        let zeros = vec![0u8; usize::try_from(grown - self.allocated).unwrap_or(usize::MAX)];
+        let path = &self.path;
+        self.file
+            .write_all_at(&zeros, self.allocated)
+            .map_err(|e| LogError::io("growing", path, e))?;
+        self.file.sync_all().map_err(|e| LogError::io("fsyncing", path, e))?;
+        self.allocated = grown;
         Ok(())
     }
 
@@ -440,8 +475,10 @@ impl Writer {
         }
         let snapshot = self.state.snapshot(unix_now());
         match self.compact(&snapshot) {
-            Ok(file) => {
+            Ok((file, end)) => {
                 self.file = file;
+                self.end = end;
+                self.allocated = end;
                 self.records_in_file = snapshot.len() as u64;
                 self.counters.records_in_file.store(self.records_in_file, Ordering::Relaxed);
                 self.counters.compactions.fetch_add(1, Ordering::Relaxed);
@@ -453,7 +490,7 @@ impl Writer {
 
     /// Writes the snapshot next to the journal and renames it over it. Until the rename the
     /// old journal is intact; after it, the new one is complete and fsynced.
-    fn compact(&mut self, snapshot: &[Record]) -> Result<File, LogError> {
+    fn compact(&mut self, snapshot: &[Record]) -> Result<(File, u64), LogError> {
         let tmp = self.path.with_extension("compact");
         let mut buf = MAGIC.to_vec();
         for record in snapshot {
@@ -468,16 +505,16 @@ impl Writer {
         }
         // From here the new file is the journal: if it cannot be made durable or reopened,
         // appending to the old (unlinked) inode would lose records, so stop confirming.
-        let reopened = sync_dir(&self.path).and_then(|()| open_append(&self.path));
-        reopened.map_err(|e| {
+        let reopened = sync_dir(&self.path).and_then(|()| open_write(&self.path));
+        reopened.map(|file| (file, buf.len() as u64)).map_err(|e| {
             self.failed = true;
             LogError::io("reopening compacted", &self.path, e)
         })
     }
 }
 
-fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().append(true).open(path)
+fn open_write(path: &Path) -> io::Result<File> {
+    OpenOptions::new().write(true).open(path)
 }
 
 fn sync_dir(path: &Path) -> io::Result<()> {
@@ -492,9 +529,9 @@ fn unix_now() -> Seconds {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Reads the journal, truncates a torn or corrupt tail and returns the file (positioned for
-/// appending) with its records.
-fn recover(path: &Path) -> Result<(File, Vec<Record>), LogError> {
+/// Reads the journal, zeros a torn or corrupt tail and returns the file, its records and
+/// where the next record goes.
+fn recover(path: &Path) -> Result<(File, Vec<Record>, u64), LogError> {
     let io = |op| move |e| LogError::io(op, path, e);
     let mut file = OpenOptions::new()
         .read(true)
@@ -520,19 +557,20 @@ fn recover(path: &Path) -> Result<(File, Vec<Record>), LogError> {
         file.write_all(&MAGIC).map_err(io("initialising"))?;
         file.sync_all().map_err(io("fsyncing"))?;
         sync_dir(path).map_err(io("fsyncing directory of"))?;
-    } else if valid < bytes.len() {
+    } else if let Some(garbage) = bytes[valid..].iter().rposition(|b| *b != 0) {
+        // Preallocated zeros after the records are normal; anything else is a torn or
+        // corrupt tail. Zero it, so that records written later are never followed by stale
+        // bytes that could decode.
         tracing::warn!(
             path = %path.display(),
-            dropped_bytes = bytes.len() - valid,
-            "lease journal has a torn or corrupt tail; truncating it"
+            dropped_bytes = garbage + 1,
+            "lease journal has a torn or corrupt tail; clearing it"
         );
-        file.set_len(valid as u64).map_err(io("truncating"))?;
+        file.write_all_at(&vec![0u8; garbage + 1], valid as u64).map_err(io("clearing"))?;
         file.sync_all().map_err(io("fsyncing"))?;
     }
-    drop(file);
-    // Append mode: every write lands at the end, wherever the read left the cursor.
-    let file = open_append(path).map_err(io("opening"))?;
-    Ok((file, records))
+    let end = if valid == 0 { MAGIC.len() } else { valid };
+    Ok((file, records, end as u64))
 }
 
 /// Decodes the records after the magic; returns them and the length of the valid prefix.
@@ -708,7 +746,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("leases");
         write(&path, &samples()).await.close();
+        let mut encoded = MAGIC.to_vec();
+        for r in samples() {
+            encode(&r, &mut encoded);
+        }
         let full = std::fs::read(&path).unwrap();
+        // The records, then the zeros the journal was grown by.
+        assert_eq!(full.len() as u64, PREALLOCATE);
+        assert_eq!(&full[..encoded.len()], encoded);
+        assert!(full[encoded.len()..].iter().all(|b| *b == 0));
+        let full = encoded;
         let mut last = Vec::new();
         encode(samples().last().unwrap(), &mut last);
         let start = full.len() - last.len();
@@ -717,7 +764,7 @@ mod tests {
             let torn = dir.path().join(format!("torn-{cut}"));
             std::fs::write(&torn, &full[..cut]).unwrap();
             assert_eq!(read_all(&torn), before, "cut at {cut}");
-            // The tail was truncated, so new records follow the good ones.
+            // The tail was cleared, so new records follow the good ones.
             let log = write(&torn, &samples()[..1]).await;
             log.close();
             let mut expected = before.to_vec();
@@ -725,6 +772,48 @@ mod tests {
             assert_eq!(read_all(&torn), expected, "append after cut at {cut}");
         }
         assert_eq!(read_all(&path), samples());
+    }
+
+    #[tokio::test]
+    async fn garbage_in_the_preallocated_tail_is_cleared_and_the_journal_grows_in_steps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("leases");
+        write(&path, &samples()).await.close();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mut data = MAGIC.len();
+        for r in samples() {
+            let mut one = Vec::new();
+            encode(&r, &mut one);
+            data += one.len();
+        }
+        // A torn record followed by zeros, and a stray byte further on.
+        bytes[data..data + 5].copy_from_slice(&[9, 0, 0, 0, 7]);
+        bytes[data + 1000] = 1;
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_all(&path), samples());
+        assert!(std::fs::read(&path).unwrap()[data..].iter().all(|b| *b == 0));
+        write(&path, &samples()[..1]).await.close();
+        let mut expected = samples();
+        expected.push(samples()[0]);
+        assert_eq!(read_all(&path), expected);
+
+        // Past the first step: the file grows by whole steps and every record survives.
+        let (log, _) = LeaseLog::open(&path).unwrap();
+        let many: Vec<Record> = (0..50_000u32)
+            .map(|i| {
+                let [_, a, b, c] = i.to_be_bytes();
+                let mac = MacAddr::new([2, 0, 0, a, b, c]);
+                Record::Bind(Lease { mac, ip: Ipv4Addr::from(0x0a00_0000 | i), expires: LATER })
+            })
+            .collect();
+        for r in &many {
+            log.append_detached(*r);
+        }
+        log.append(samples()[0]).wait().await.unwrap();
+        log.close();
+        assert_eq!(std::fs::metadata(&path).unwrap().len() % PREALLOCATE, 0);
+        assert!(std::fs::metadata(&path).unwrap().len() > PREALLOCATE);
+        assert_eq!(read_all(&path).len(), expected.len() + many.len() + 1);
     }
 
     #[tokio::test]
