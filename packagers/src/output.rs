@@ -34,6 +34,17 @@ impl<'a, W: Write> Output<'a, W> {
         Ok(copied)
     }
 
+    /// Lets a nested format (a file system inside a disk image) write to the caller's writer
+    /// itself, keeping its type for [`Output::copy_from`], and counts the bytes it reports.
+    pub(crate) fn write_with<E>(
+        &mut self,
+        write: impl FnOnce(&mut W) -> Result<u64, E>,
+    ) -> Result<u64, E> {
+        let written = write(self.inner)?;
+        self.written += written;
+        Ok(written)
+    }
+
     /// Zeros up to byte `offset` of the output (nothing if already there).
     pub(crate) fn zeros_to(&mut self, offset: u64) -> io::Result<()> {
         self.zeros(offset.saturating_sub(self.written))
