@@ -19,10 +19,11 @@
 //!
 //! The tools alternate which goes first in each round. Median, p90 and minimum per tool, MB/s
 //! (the tool's own image bytes over its median time) and the ratio of medians ctpf/xorriso
-//! are printed. Target: ctpf at or below xorriso. xorriso's times are often bimodal: its
-//! main thread waits for its writer thread in 100 ms sleeps and often exits several of them
-//! after the writer has written and fsynced everything (strace); the minimum shows its cost
-//! without that wait.
+//! are printed. Target: ctpf at or below xorriso. xorriso's main thread waits for its writer
+//! thread in 100 ms sleeps (strace), so its wall time is never below ~105 ms here and is
+//! often bimodal: it sometimes exits several sleeps after the writer has written and fsynced
+//! everything. Its minimum is that floor rather than its work, which this bench does not
+//! separate out.
 //!
 //! Run: `cargo bench -p ctpf-e2e --bench iso [-- ROUNDS]` (needs xorriso, isolinux and
 //! syslinux-common).
