@@ -120,7 +120,7 @@ pub fn stream_mbr_fat<W: Write>(
     let mut w = Output::new(out);
     w.write_all(&mbr::table(signature, &[entry]))?;
     w.zeros_to(ALIGN_SECTORS * SECTOR)?;
-    part.write(&mut w)?;
+    w.write_with(|out| part.write(out))?;
     w.zeros_to((ALIGN_SECTORS + sectors) * SECTOR)?;
     w.flush()?;
     Ok(w.written)

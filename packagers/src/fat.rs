@@ -358,7 +358,7 @@ impl FatPlan {
                     w.write_all(bytes)?;
                     len
                 }
-                Source::File { path, .. } => io::copy(&mut File::open(path)?.take(len), &mut w)?,
+                Source::File { path, .. } => w.copy_from(&mut File::open(path)?.take(len))?,
             };
             if copied != len {
                 return Err(FatError::SourceChanged { path: file.path.clone(), expected: len });

@@ -334,7 +334,7 @@ impl IsoPlan {
                     Source::Bytes(b) => out.write_all(b)?,
                     Source::File { path, .. } => {
                         let mut source = File::open(path)?.take(len);
-                        if io::copy(&mut source, &mut out)? != len {
+                        if out.copy_from(&mut source)? != len {
                             return Err(changed("file", file));
                         }
                     }

@@ -240,7 +240,7 @@ impl Vm {
     }
 
     /// Waits until `check` passes, failing with the serial tail after `timeout` or when QEMU
-    /// exits.
+    /// exits. A failure keeps the whole serial log (see [`Vm::keep_serial`]).
     pub fn wait_for<T>(
         &mut self,
         what: &str,
@@ -252,14 +252,31 @@ impl Vm {
             if let Some(found) = check(self) {
                 return Ok(found);
             }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("QEMU exited ({status}) before {what}; serial:\n{}", self.serial_tail(60));
-            }
-            if Instant::now() >= deadline {
-                bail!("no {what} within {timeout:?}; serial:\n{}", self.serial_tail(60));
-            }
-            std::thread::sleep(Duration::from_millis(500));
+            let failure = if let Some(status) = self.child.try_wait()? {
+                format!("QEMU exited ({status}) before {what}")
+            } else if Instant::now() >= deadline {
+                format!("no {what} within {timeout:?}")
+            } else {
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            };
+            let kept = match self.keep_serial() {
+                Ok(path) => format!("whole log: {}", path.display()),
+                Err(e) => format!("the whole log could not be kept: {e:#}"),
+            };
+            bail!("{failure}; {kept}; serial:\n{}", self.serial_tail(60));
         }
+    }
+
+    /// Copies the serial log to `TARGET/ctpf-test-logs/`, where it outlives the test's
+    /// temporary directory, and returns the copy's path.
+    pub fn keep_serial(&self) -> Result<PathBuf> {
+        let dir = target_dir()?.join("ctpf-test-logs");
+        std::fs::create_dir_all(&dir)?;
+        let name = self.serial.file_name().context("serial log without a name")?;
+        let kept = dir.join(format!("{}-{}", crate::unique_suffix(), name.to_string_lossy()));
+        std::fs::copy(&self.serial, &kept)?;
+        Ok(kept)
     }
 
     pub fn stop(&mut self) {
