@@ -8,22 +8,19 @@
 //! Every boot also shows that the kernel got the whole initrd from the medium (ISO 9660 or
 //! FAT): the size the kernel frees is the initrd's, and it unpacked without error.
 //!
-//! The media carry a reusable enrollment token; each VM has its own MAC and must enroll as
-//! its own host. Needs qemu-system-x86, ovmf, isolinux, GRUB's x86_64-efi modules and the
+//! The media are made the way a user makes them: `ctpf image build` from an image definition
+//! (build and packaging jobs of `ctpf up`), downloaded by name. They carry a reusable media
+//! key; each VM has its own MAC and must enroll as its own host, with the key's name on it.
+//! Needs qemu-system-x86, ovmf, isolinux, GRUB's x86_64-efi modules and the
 //! unpacked kernel package that `.ci/run` prepares.
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use ctpf_e2e::{
     CtpfProcess, ctpf_cli,
     qemu::{Firmware, Media, Vm, discovery_agent, discovery_linux},
-};
-use ctpf_packagers::{
-    disk,
-    iso9660::Source,
-    media::{self, BootFiles, GRUB_EMBEDDED_CONFIG, MediaConfig, Syslinux},
 };
 use serde_json::Value;
 
@@ -41,11 +38,6 @@ impl Up {
         let out = ctpf_cli(args, &env).unwrap();
         assert!(out.status.success(), "ctpf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         out.stdout
-    }
-
-    fn pull(&self, name: &str, to: &Path) -> Source {
-        self.cli(&["artifacts", "pull", name, "-o", to.to_str().unwrap()]);
-        Source::file(to).unwrap()
     }
 }
 
@@ -74,53 +66,40 @@ fn the_hybrid_iso_and_the_gpt_stick_boot_to_the_discovery_callback() {
     let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
     let up = Up { process, token };
     up.cli(&["datacenter", "add", "home"]);
-    let issued: Value = serde_json::from_slice(&up.cli(&[
-        "tokens",
+    // One reusable media key for every machine; each must still enroll as its own host.
+    let secret = String::from_utf8(up.cli(&[
+        "media-keys",
         "create",
+        "sticks",
         "--datacenter",
         "home",
-        "--uses",
-        "5",
-        "--json",
+        "--ttl",
+        "1d",
     ]))
     .unwrap();
-    let enrollment = issued["token"].as_str().unwrap().to_owned();
+    assert!(secret.trim().starts_with("ctpf_mk_"), "{secret}");
 
-    // The medium's parts: ctpf's discovery image and a GRUB built for media.
-    let embed = dir.path().join("media-embed.cfg");
-    std::fs::write(&embed, GRUB_EMBEDDED_CONFIG).unwrap();
-    let grub_build =
-        ["build", "grub", "--target", "x86_64-efi", "--config", embed.to_str().unwrap()];
-    up.cli(&[&grub_build[..], &["--name", "media"]].concat());
-    let files = BootFiles {
-        kernel: up.pull("discovery-x86_64-vmlinuz", &dir.path().join("vmlinuz")),
-        initrd: up.pull("discovery-x86_64-initrd", &dir.path().join("initrd")),
-        efi_x86_64: Some(up.pull("media-grubx64.efi", &dir.path().join("grubx64.efi"))),
-        efi_arm64: None,
-        syslinux: Some(Syslinux {
-            isolinux_bin: Source::file("/usr/lib/ISOLINUX/isolinux.bin").unwrap(),
-            ldlinux_c32: Source::file("/usr/lib/syslinux/modules/bios/ldlinux.c32").unwrap(),
-            isohdpfx_bin: Source::file("/usr/lib/ISOLINUX/isohdpfx.bin").unwrap(),
-        }),
-    };
+    // The media, the way a user makes them: an image definition, built by the builder and
+    // packager jobs of `ctpf up` (GRUB for media, SYSLINUX, the discovery image).
     let port = up.process.api().rsplit(':').next().unwrap().to_owned();
-    let config = MediaConfig {
-        label: "CTPF_BOOT".into(),
-        kernel_words: vec![
-            "console=ttyS0".into(),
-            format!("ctpf.url=http://10.0.2.2:{port}/"),
-            format!("ctpf.token={enrollment}"),
-        ],
-        timestamp: 1_700_000_000,
-        serial: 0xC7F0_0001,
-    };
+    let definition = dir.path().join("boot.toml");
+    std::fs::write(
+        &definition,
+        format!(
+            "name = \"boot\"\narchitectures = [\"x86_64\"]\nformats = [\"iso\", \"usb\"]\n\
+             [boot]\nmedia_key = \"sticks\"\nmanager_url = \"http://10.0.2.2:{port}/\"\n\
+             kernel_cmdline = [\"console=ttyS0\"]\n"
+        ),
+    )
+    .unwrap();
+    up.cli(&["image", "build", definition.to_str().unwrap()]);
     let iso = dir.path().join("ctpf.iso");
-    let plan = media::hybrid_iso(&files, &config).unwrap();
-    plan.write(&mut std::io::BufWriter::new(std::fs::File::create(&iso).unwrap())).unwrap();
-
     let stick = dir.path().join("ctpf-stick.img");
-    disk::write_gpt_esp(&stick, &media::usb_esp(&files, &config).unwrap(), config.serial).unwrap();
+    up.cli(&["image", "download", "boot.iso", "-o", iso.to_str().unwrap()]);
+    up.cli(&["image", "download", "boot.img", "-o", stick.to_str().unwrap()]);
     assert!(std::fs::metadata(&stick).unwrap().len() > 34 << 20);
+    let initrd = dir.path().join("initrd");
+    up.cli(&["artifacts", "pull", "discovery-x86_64-initrd", "-o", initrd.to_str().unwrap()]);
 
     let ways = [
         (Firmware::Bios, Media::Cdrom, &iso, "52:54:00:c7:05:01"),
@@ -130,7 +109,7 @@ fn the_hybrid_iso_and_the_gpt_stick_boot_to_the_discovery_callback() {
         (Firmware::Uefi, Media::UsbStick, &stick, "52:54:00:c7:05:05"),
     ];
     // The kernel frees the initrd the boot loader handed it, in whole pages.
-    let initrd_kib = files.initrd.len().div_ceil(4096) * 4;
+    let initrd_kib = std::fs::metadata(&initrd).unwrap().len().div_ceil(4096) * 4;
     let whole_initrd = format!("Freeing initrd memory: {initrd_kib}K");
     // Two at a time: one per core.
     for pair in ways.chunks(2) {
@@ -164,9 +143,13 @@ fn the_hybrid_iso_and_the_gpt_stick_boot_to_the_discovery_callback() {
                 .find(|h| h["macs"].as_array().is_some_and(|m| m.iter().any(|m| m == *mac)))
                 .unwrap_or_else(|| panic!("{name}: no host with {mac}: {hosts:?}"));
             assert_eq!(host["datacenter"], "home", "{name}");
+            assert_eq!(host["media_key"], "sticks", "{name}");
             vm.stop();
         }
     }
     let hosts: Vec<Value> = serde_json::from_slice(&up.cli(&["hosts", "list", "--json"])).unwrap();
-    assert_eq!(hosts.len(), 5, "one identity per machine, all from one reusable token");
+    assert_eq!(hosts.len(), 5, "one identity per machine, all from one media key");
+    let keys: Vec<Value> =
+        serde_json::from_slice(&up.cli(&["media-keys", "list", "--json"])).unwrap();
+    assert_eq!(keys[0]["enrollments"], 5, "{keys:?}");
 }
