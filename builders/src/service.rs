@@ -22,8 +22,7 @@ use ctpf_common::{
     ArtifactKind, BuildLogLine, BuildManifest, BuildOutput, BuildRequest, LogStream,
     OffsetDateTime, Sha256Digest,
 };
-use ctpf_store::artifacts::{ArtifactError, ArtifactStore};
-use tokio::io::AsyncReadExt as _;
+use ctpf_store::artifacts::{ArtifactError, ArtifactStore, read_json_ref};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -543,25 +542,8 @@ impl Inner {
 
     async fn cached(&self, key: &Sha256Digest) -> Result<Option<BuildManifest>, BuildError> {
         let reference = manifest_ref(key);
-        let Some(digest) = self.artifacts.get_ref(&reference).await? else { return Ok(None) };
-        let blob = match self.artifacts.get(&digest).await {
-            Ok(blob) => blob,
-            Err(ArtifactError::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let mut bytes = Vec::new();
-        blob.reader
-            .take(MAX_MANIFEST_BYTES)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| BuildError::Transient(format!("reading manifest {digest}: {e}")))?;
-        let mut manifest: BuildManifest = match serde_json::from_slice(&bytes) {
-            Ok(manifest) => manifest,
-            Err(e) => {
-                tracing::warn!(%digest, error = %e, "unreadable build manifest; building again");
-                return Ok(None);
-            }
-        };
+        let found = read_json_ref(self.artifacts.as_ref(), &reference, MAX_MANIFEST_BYTES).await?;
+        let Some(mut manifest): Option<BuildManifest> = found else { return Ok(None) };
         for output in &manifest.outputs {
             if self.artifacts.stat(&output.digest).await? != Some(output.size) {
                 tracing::info!(file = output.file, "a cached output is gone; building again");

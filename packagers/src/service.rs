@@ -23,7 +23,7 @@ use ctpf_common::{
     BootMode, BuildLogLine, InputArtifact, LogStream, MediaEntry, MediaFormat, OffsetDateTime,
     PackageManifest, PackageRequest, Sha256Digest,
 };
-use ctpf_store::artifacts::{ArtifactError, ArtifactStore};
+use ctpf_store::artifacts::{ArtifactError, ArtifactStore, read_json_ref};
 use sha2::{Digest as _, Sha256};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
@@ -335,27 +335,9 @@ impl Packager {
 impl Inner {
     /// The stored manifest of `key`, when it and its medium are in the store.
     async fn cached(&self, key: &Sha256Digest) -> Result<Option<PackageManifest>, PackageError> {
-        let Some(digest) = self.artifacts.get_ref(&manifest_ref(key)).await? else {
-            return Ok(None);
-        };
-        let blob = match self.artifacts.get(&digest).await {
-            Ok(blob) => blob,
-            Err(ArtifactError::NotFound(_)) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let mut bytes = Vec::new();
-        blob.reader
-            .take(MAX_MANIFEST_BYTES)
-            .read_to_end(&mut bytes)
-            .await
-            .map_err(|e| PackageError::Transient(format!("reading manifest {digest}: {e}")))?;
-        let mut manifest: PackageManifest = match serde_json::from_slice(&bytes) {
-            Ok(manifest) => manifest,
-            Err(e) => {
-                tracing::warn!(%digest, error = %e, "unreadable package manifest; packaging again");
-                return Ok(None);
-            }
-        };
+        let reference = manifest_ref(key);
+        let found = read_json_ref(self.artifacts.as_ref(), &reference, MAX_MANIFEST_BYTES).await?;
+        let Some(mut manifest): Option<PackageManifest> = found else { return Ok(None) };
         if self.artifacts.stat(&manifest.digest).await? != Some(manifest.size) {
             tracing::info!(file = manifest.file, "a cached medium is gone; packaging again");
             return Ok(None);

@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+mod support;
+use support::run;
+
 use std::{collections::BTreeMap, path::Path, process::Command};
 
 use ctpf_packagers::{
@@ -15,14 +18,6 @@ use ctpf_packagers::{
 const ISOLINUX_BIN: &str = "/usr/lib/ISOLINUX/isolinux.bin";
 const ISOHDPFX: &str = "/usr/lib/ISOLINUX/isohdpfx.bin";
 const LDLINUX: &str = "/usr/lib/syslinux/modules/bios/ldlinux.c32";
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
 
 fn esp() -> Vec<u8> {
     let files: BTreeMap<String, Source> = [

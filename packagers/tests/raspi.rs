@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+mod support;
+use support::run;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -17,14 +20,6 @@ use ctpf_packagers::{
 
 /// Byte offset of the partition, for mtools' `-i IMAGE@@OFFSET`.
 const PART_OFFSET: u64 = disk::ALIGN_SECTORS * 512;
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
-}
 
 /// The unpacked Debian packages `.ci/run` puts in the target dir's test cache:
 /// `raspi-firmware` (non-free-firmware) and the arm64 `linux-image-*` (its kernel and device

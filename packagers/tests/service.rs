@@ -4,6 +4,9 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
+mod support;
+use support::run;
+
 use std::{collections::BTreeMap, path::Path, process::Command, sync::Arc};
 
 use ctpf_common::{BootMode, InputArtifact, MediaFormat, PackageRequest, Sha256Digest};
@@ -62,14 +65,6 @@ async fn fetch(store: &FsArtifactStore, digest: &Sha256Digest, to: &Path) {
     let mut bytes = Vec::new();
     store.get(digest).await.unwrap().reader.read_to_end(&mut bytes).await.unwrap();
     std::fs::write(to, bytes).unwrap();
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
-    text
 }
 
 async fn package(

@@ -119,6 +119,32 @@ pub trait ArtifactStore: Send + Sync + Debug {
     async fn get_ref(&self, name: &str) -> Result<Option<Sha256Digest>, ArtifactError>;
 }
 
+/// The JSON document (a manifest) the ref `name` points at, read up to `max_bytes`. `None`
+/// when the ref is unset, its blob is gone, or the blob does not parse as `T` (logged):
+/// callers answering from a cache treat all three as a miss and make the thing again.
+pub async fn read_json_ref<T: serde::de::DeserializeOwned>(
+    store: &dyn ArtifactStore,
+    name: &str,
+    max_bytes: u64,
+) -> Result<Option<T>, ArtifactError> {
+    use tokio::io::AsyncReadExt as _;
+    let Some(digest) = store.get_ref(name).await? else { return Ok(None) };
+    let blob = match store.get(&digest).await {
+        Ok(blob) => blob,
+        Err(ArtifactError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut bytes = Vec::new();
+    blob.reader.take(max_bytes).read_to_end(&mut bytes).await?;
+    match serde_json::from_slice(&bytes) {
+        Ok(document) => Ok(Some(document)),
+        Err(error) => {
+            tracing::warn!(%digest, reference = name, %error, "unreadable document behind a ref; ignoring it");
+            Ok(None)
+        }
+    }
+}
+
 /// Fails with [`ArtifactError::DigestMismatch`] when an expected digest is given and differs.
 fn check_digest(expected: Option<Sha256Digest>, actual: Sha256Digest) -> Result<(), ArtifactError> {
     match expected {
