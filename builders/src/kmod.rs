@@ -9,12 +9,14 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use ctpf_common::Arch;
+
 use crate::initramfs::{self, InitramfsError};
 
-/// NIC drivers the discovery image carries, roots of the dependency walk. virtio-net and
-/// e1000 are what VMs and QEMU tests use; e1000e, igb, igc, r8169, tg3 and bnx2 cover the
-/// wired NICs of laptops and common servers; the USB ones cover dongles on laptops with no
-/// Ethernet port.
+/// NIC drivers the discovery image carries on every architecture, roots of the dependency
+/// walk. virtio-net and e1000 are what VMs and QEMU tests use; e1000e, igb, igc, r8169, tg3
+/// and bnx2 cover the wired NICs of laptops and common servers (PCIe cards, also in arm64
+/// servers); the USB ones cover dongles on laptops with no Ethernet port.
 pub const DISCOVERY_NIC_MODULES: &[&str] = &[
     "virtio_net",
     "virtio_pci",
@@ -31,6 +33,36 @@ pub const DISCOVERY_NIC_MODULES: &[&str] = &[
     "cdc_ether",
     "ax88179_178a",
 ];
+
+/// NIC drivers only arm64 images add, after [`DISCOVERY_NIC_MODULES`]. PHY and MDIO drivers
+/// come before the MAC drivers that use them: a module's `depends=` does not name them (they
+/// bind by device match or `softdep`), and `/init` only insmods in list order.
+/// - `virtio_mmio`: virtio devices on QEMU's `virt` machine without PCI (`virtio-net-device`);
+/// - `mdio_bcm_unimac`, `broadcom`, `genet` (bcmgenet): the Raspberry Pi 4, 400 and CM4 port;
+/// - `phy_generic`, `dwc2`: the Pi 3's USB host controller (its PHY is a `usb-nop-xceiv`),
+///   behind which sit `smsc95xx` (Pi 3B, PHY driver `smsc`) and `lan78xx` (Pi 3B+, PHY
+///   driver `microchip`). The Pi 4's USB (VL805 on PCIe) is `xhci_pci`, above.
+pub const DISCOVERY_NIC_MODULES_ARM64: &[&str] = &[
+    "virtio_mmio",
+    "mdio_bcm_unimac",
+    "broadcom",
+    "genet",
+    "phy_generic",
+    "dwc2",
+    "smsc",
+    "smsc95xx",
+    "microchip",
+    "lan78xx",
+];
+
+/// The NIC drivers wanted for an image of `arch`, in load order (before dependencies).
+pub fn discovery_nic_modules(arch: Arch) -> Vec<&'static str> {
+    let mut modules = DISCOVERY_NIC_MODULES.to_vec();
+    if arch == Arch::Arm64 {
+        modules.extend_from_slice(DISCOVERY_NIC_MODULES_ARM64);
+    }
+    modules
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum KmodError {

@@ -9,6 +9,7 @@ pub mod grub;
 pub mod initramfs;
 pub mod ipxe;
 pub mod kmod;
+pub mod machine;
 pub mod process;
 pub mod service;
 pub mod single_flight;

@@ -252,7 +252,7 @@ pub fn validate(request: &BuildRequest) -> Result<(), BuildError> {
                 }
             }
         }
-        BuildRequest::Discovery { linux, busybox, agent } => {
+        BuildRequest::Discovery { linux, busybox, agent, arch: _ } => {
             for (what, path) in [("linux", linux), ("busybox", busybox), ("agent", agent)] {
                 if !path.starts_with('/') {
                     return Err(BuildError::Invalid(format!(
@@ -432,11 +432,12 @@ impl Inner {
             BuildRequest::RaspiFirmware { firmware, linux } => {
                 plan_raspi_firmware(firmware.into(), linux.into()).await
             }
-            BuildRequest::Discovery { linux, busybox, agent } => {
+            BuildRequest::Discovery { linux, busybox, agent, arch } => {
                 let sources = DiscoverySources {
                     linux_root: linux.into(),
                     busybox: busybox.into(),
                     agent: agent.into(),
+                    arch: *arch,
                 };
                 let resolve = sources.clone();
                 let plan = tokio::task::spawn_blocking(move || DiscoveryPlan::resolve(&resolve))
@@ -446,6 +447,7 @@ impl Inner {
                 key.field("discovery", plan.key.as_bytes());
                 key.field("epoch", &self.config.source_date_epoch.to_le_bytes());
                 let mut inputs = BTreeMap::new();
+                inputs.insert("arch".into(), plan.arch.to_string());
                 inputs.insert("discovery_inputs".into(), plan.key.to_string());
                 inputs.insert("kernel_version".into(), plan.kernel_version.clone());
                 inputs.insert("linux".into(), linux.clone());
@@ -654,7 +656,8 @@ impl Inner {
             }
             Work::Discovery(sources, discovery) => {
                 log.say(format!(
-                    "initramfs: kernel {}, {} modules, busybox, agent",
+                    "initramfs: {} kernel {}, {} modules, busybox, agent",
+                    discovery.arch,
                     discovery.kernel_version,
                     discovery.modules.len()
                 ));
@@ -768,6 +771,7 @@ mod tests {
             linux: "linux".into(),
             busybox: "/bin/busybox".into(),
             agent: "/a".into(),
+            arch: None,
         };
         assert!(validate(&relative).unwrap_err().to_string().contains("absolute"));
         assert!(!BuildError::Invalid("x".into()).is_retryable());

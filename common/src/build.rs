@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use crate::{ArtifactKind, ArtifactName, Sha256Digest};
+use crate::{Arch, ArtifactKind, ArtifactName, Sha256Digest};
 
 /// One build. Paths name files on the builder's machine (under `ctpf up`, this machine).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -67,6 +67,11 @@ pub enum BuildRequest {
         busybox: String,
         /// The static `ctpf-agent`.
         agent: String,
+        /// The architecture the image must be for. The kernel package decides it; busybox,
+        /// the agent and the modules must match the kernel, and a kernel of another
+        /// architecture than this is refused. Omitted: whatever the kernel is.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        arch: Option<Arch>,
     },
 }
 

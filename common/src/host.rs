@@ -16,6 +16,54 @@ pub enum Arch {
     Arm64,
 }
 
+impl Arch {
+    /// Every architecture ctpf boots.
+    pub const ALL: [Arch; 2] = [Arch::X86_64, Arch::Arm64];
+
+    /// The name ctpf uses (`x86_64`, `arm64`): in artifact names and boot URLs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// Debian's name for it (`amd64`, `arm64`), as in `busybox-static:arm64`.
+    pub fn debian(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "amd64",
+            Arch::Arm64 => "arm64",
+        }
+    }
+
+    /// The Rust target of static (musl) binaries for it, such as the discovery agent.
+    pub fn musl_target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-linux-musl",
+            Arch::Arm64 => "aarch64-unknown-linux-musl",
+        }
+    }
+}
+
+impl std::str::FromStr for Arch {
+    type Err = ParseError;
+
+    /// `x86_64` or `arm64`, or the spellings serde also takes (`amd64`, `aarch64`).
+    fn from_str(text: &str) -> Result<Self, ParseError> {
+        match text {
+            "x86_64" | "amd64" => Ok(Arch::X86_64),
+            "arm64" | "aarch64" => Ok(Arch::Arm64),
+            _ => Err(ParseError::new("arch", text, "x86_64 or arm64")),
+        }
+    }
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Where a machine is in its life: discovered by its own callback, given a profile, installing,
 /// installed, joined to the overlay and cluster (ready), failed, or retired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
@@ -164,6 +212,13 @@ mod tests {
     fn arch_accepts_distro_spellings() {
         assert_eq!(serde_json::from_str::<Arch>("\"aarch64\"").unwrap(), Arch::Arm64);
         assert_eq!(serde_json::from_str::<Arch>("\"amd64\"").unwrap(), Arch::X86_64);
+        assert_eq!("aarch64".parse::<Arch>().unwrap(), Arch::Arm64);
+        assert!("riscv64".parse::<Arch>().unwrap_err().to_string().contains("x86_64 or arm64"));
         assert_eq!(serde_json::to_string(&Arch::X86_64).unwrap(), "\"x86_64\"");
+        for arch in Arch::ALL {
+            let json = serde_json::to_string(&arch).unwrap();
+            assert_eq!(json, format!("\"{arch}\""), "as_str matches serde");
+            assert_eq!(arch.as_str().parse::<Arch>().unwrap(), arch);
+        }
     }
 }

@@ -135,16 +135,6 @@ impl ImageDefinition {
                 ));
             }
         }
-        if arch == Arch::Arm64
-            && (self.artifacts.kernel.is_none() || self.artifacts.initrd.is_none())
-        {
-            return Err(ParseError::new(
-                "artifacts",
-                "",
-                "arm64 media need artifacts.kernel and artifacts.initrd (ctpf builds an x86_64 \
-                 discovery image only)",
-            ));
-        }
         let label = self.label();
         if label.is_empty()
             || label.len() > 16
@@ -229,10 +219,9 @@ kernel_cmdline = ["console=ttyS0,115200"]
         assert!(ImageDefinition::from_toml(&twice).unwrap_err().to_string().contains("twice"));
         let raspi = DEMO.replace(r#"["iso", "usb"]"#, r#"["raspi"]"#);
         assert!(ImageDefinition::from_toml(&raspi).unwrap_err().to_string().contains("arm64"));
+        // arm64 media default to the arm64 discovery image, like x86_64 ones.
         let arm = DEMO.replace(r#"["x86_64"]"#, r#"["arm64"]"#);
-        assert!(
-            ImageDefinition::from_toml(&arm).unwrap_err().to_string().contains("artifacts.kernel")
-        );
+        assert_eq!(ImageDefinition::from_toml(&arm).unwrap().arch(), Arch::Arm64);
         let label = format!("label = \"bad label\"\n{DEMO}");
         assert!(ImageDefinition::from_toml(&label).unwrap_err().to_string().contains("label"));
     }

@@ -12,47 +12,62 @@ use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use ctpf_builders::DiscoverySources;
 use ctpf_common::{
-    Artifact, ArtifactKind, ArtifactName, BuildRequest, Job, NewBuild, Sha256Digest, TagSelector,
-    Tags, Uuid,
+    Arch, Artifact, ArtifactKind, ArtifactName, BuildRequest, Job, NewBuild, Sha256Digest,
+    TagSelector, Tags, Uuid,
 };
 use ctpf_registries::Registry;
 use ctpf_store::artifacts::ArtifactStore;
 use time::OffsetDateTime;
-/// The architecture of the discovery image this build makes (the agent's and kernel's).
-const ARCH: &str = "x86_64";
-
+/// Inputs of the discovery images: one per architecture. The x86_64 one falls back to this
+/// machine's own kernel, busybox and a `ctpf-agent` beside ctpf; the arm64 one is built only
+/// when its inputs are named, and then needs all three.
 #[derive(Debug, Clone, Args)]
 pub struct DiscoveryArgs {
-    /// An unpacked Debian linux-image package (dpkg -x) whose kernel and NIC drivers the
-    /// discovery image uses (default: / when it has /boot/vmlinuz-* and /lib/modules).
+    /// An unpacked Debian linux-image-*-amd64 package (dpkg -x) whose kernel and NIC drivers
+    /// the x86_64 discovery image uses (default: / on an x86_64 machine with /boot/vmlinuz-*
+    /// and /lib/modules).
     #[arg(long, env = "CTPF_DISCOVERY_LINUX")]
     pub discovery_linux: Option<PathBuf>,
-    /// A static busybox for the discovery initramfs.
+    /// A static x86_64 busybox for the discovery initramfs.
     #[arg(long, env = "CTPF_DISCOVERY_BUSYBOX", default_value = "/bin/busybox")]
     pub discovery_busybox: PathBuf,
-    /// The static discovery agent (default: ctpf-agent beside the ctpf binary).
+    /// The static x86_64 discovery agent (default: ctpf-agent beside the ctpf binary).
     #[arg(long, env = "CTPF_DISCOVERY_AGENT")]
     pub discovery_agent: Option<PathBuf>,
+    /// An unpacked Debian linux-image-*-arm64 package with its modules: builds the arm64
+    /// discovery image (discovery-arm64-*) too, from this and the two flags below.
+    #[arg(long, env = "CTPF_DISCOVERY_LINUX_ARM64")]
+    pub discovery_linux_arm64: Option<PathBuf>,
+    /// A static arm64 busybox (bin/busybox of Debian's busybox-static:arm64, unpacked).
+    #[arg(long, env = "CTPF_DISCOVERY_BUSYBOX_ARM64")]
+    pub discovery_busybox_arm64: Option<PathBuf>,
+    /// The discovery agent built for aarch64-unknown-linux-musl.
+    #[arg(long, env = "CTPF_DISCOVERY_AGENT_ARM64")]
+    pub discovery_agent_arm64: Option<PathBuf>,
     /// Extra kernel parameters for discovery boots, e.g. console=ttyS0.
     #[arg(long, env = "CTPF_DISCOVERY_CMDLINE", default_value = "")]
     pub discovery_cmdline: String,
 }
 
 impl DiscoveryArgs {
-    /// Whether the operator named an input: then missing inputs are an error at start, not
-    /// a warning (a typo must not leave a site silently unable to enroll machines).
+    /// Whether the operator named an x86_64 input: then missing inputs are an error at start,
+    /// not a warning (a typo must not leave a site silently unable to enroll machines).
     pub fn asked_for(&self) -> bool {
         self.discovery_linux.is_some() || self.discovery_agent.is_some()
     }
 
-    /// The inputs, or why there are none (then discovery boots get a 404 and ctpf says so).
+    /// The x86_64 inputs, or why there are none (then discovery boots get a 404 and ctpf
+    /// says so).
     pub fn sources(&self) -> Result<DiscoverySources, String> {
         let linux_root = match &self.discovery_linux {
             Some(root) => root.clone(),
-            None if has_kernel(Path::new("/")) => PathBuf::from("/"),
+            // This machine's own kernel only when it is an x86_64 one.
+            None if std::env::consts::ARCH == "x86_64" && has_kernel(Path::new("/")) => {
+                PathBuf::from("/")
+            }
             None => {
                 return Err("no kernel: pass --discovery-linux DIR (an unpacked Debian \
-                            linux-image package)"
+                            linux-image-*-amd64 package)"
                     .into());
             }
         };
@@ -64,7 +79,38 @@ impl DiscoveryArgs {
                 .filter(|agent| agent.is_file())
                 .ok_or("no agent: pass --discovery-agent PATH (ctpf-agent, built for musl)")?,
         };
-        Ok(DiscoverySources { linux_root, busybox: self.discovery_busybox.clone(), agent })
+        Ok(DiscoverySources {
+            linux_root,
+            busybox: self.discovery_busybox.clone(),
+            agent,
+            arch: Some(Arch::X86_64),
+        })
+    }
+
+    /// The arm64 inputs: `None` when none is named; all three when one is, or an error
+    /// naming the missing flags.
+    pub fn arm64_sources(&self) -> Result<Option<DiscoverySources>, String> {
+        let flags = [
+            ("--discovery-linux-arm64", &self.discovery_linux_arm64),
+            ("--discovery-busybox-arm64", &self.discovery_busybox_arm64),
+            ("--discovery-agent-arm64", &self.discovery_agent_arm64),
+        ];
+        let missing: Vec<&str> =
+            flags.iter().filter(|(_, value)| value.is_none()).map(|(flag, _)| *flag).collect();
+        match (
+            &self.discovery_linux_arm64,
+            &self.discovery_busybox_arm64,
+            &self.discovery_agent_arm64,
+        ) {
+            (Some(linux), Some(busybox), Some(agent)) => Ok(Some(DiscoverySources {
+                linux_root: linux.clone(),
+                busybox: busybox.clone(),
+                agent: agent.clone(),
+                arch: Some(Arch::Arm64),
+            })),
+            (None, None, None) => Ok(None),
+            _ => Err(format!("the arm64 discovery image also needs {}", missing.join(" and "))),
+        }
     }
 }
 
@@ -75,12 +121,14 @@ fn has_kernel(root: &Path) -> bool {
     has_vmlinuz && root.join("lib/modules").is_dir()
 }
 
-/// The build request for the discovery image from these inputs.
-pub fn discovery_request(sources: &DiscoverySources) -> BuildRequest {
+/// The build request for the discovery image of `arch` from these inputs (the builder
+/// refuses a kernel of another architecture, and parts that do not match the kernel).
+pub fn discovery_request(arch: Arch, sources: &DiscoverySources) -> BuildRequest {
     BuildRequest::Discovery {
         linux: absolute(&sources.linux_root),
         busybox: absolute(&sources.busybox),
         agent: absolute(&sources.agent),
+        arch: Some(arch),
     }
 }
 
@@ -88,18 +136,22 @@ fn absolute(path: &Path) -> String {
     std::path::absolute(path).unwrap_or_else(|_| path.to_owned()).display().to_string()
 }
 
-/// The artifact name prefix of the discovery image: its outputs become
-/// `discovery-x86_64-vmlinuz` and `discovery-x86_64-initrd`.
-pub fn discovery_name() -> ArtifactName {
-    ArtifactName::parse("name", &format!("discovery-{ARCH}")).expect("a valid constant name")
+/// The artifact name prefix of the discovery image for `arch`: its outputs become
+/// `discovery-ARCH-vmlinuz` and `discovery-ARCH-initrd`, which `/boot/discovery/ARCH/` serves.
+pub fn discovery_name(arch: Arch) -> ArtifactName {
+    ArtifactName::parse("name", &format!("discovery-{arch}")).expect("a valid constant name")
 }
 
-/// Submits the discovery image build. The builder answers from its cache when the inputs'
-/// key was built before, so an unchanged image costs only the hashing.
-pub async fn submit_discovery(registry: &Registry, sources: &DiscoverySources) -> Result<Job> {
+/// Submits the discovery image build for `arch`. The builder answers from its cache when the
+/// inputs' key was built before, so an unchanged image costs only the hashing.
+pub async fn submit_discovery(
+    registry: &Registry,
+    arch: Arch,
+    sources: &DiscoverySources,
+) -> Result<Job> {
     let build = NewBuild {
-        request: discovery_request(sources),
-        name: Some(discovery_name()),
+        request: discovery_request(arch, sources),
+        name: Some(discovery_name(arch)),
         selector: TagSelector::any(),
     };
     Ok(registry.submit_build(build).await?)

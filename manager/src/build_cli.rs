@@ -5,7 +5,7 @@ use std::{collections::BTreeMap, path::PathBuf};
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, Subcommand};
 use ctpf_common::{
-    ArtifactName, BuildRequest, Job, JobSpec, JobStatus, LogStream, NewBuild, TagSelector,
+    Arch, ArtifactName, BuildRequest, Job, JobSpec, JobStatus, LogStream, NewBuild, TagSelector,
 };
 
 use crate::cli::{Cli, client, label, or_dash, print, tag_query};
@@ -84,6 +84,10 @@ pub enum BuildCmd {
         /// The static ctpf-agent.
         #[arg(long)]
         agent: PathBuf,
+        /// Refuse a kernel of another architecture (x86_64 or arm64); busybox, agent and
+        /// modules must always match the kernel.
+        #[arg(long)]
+        arch: Option<Arch>,
         #[command(flatten)]
         common: BuildArgs,
     },
@@ -166,11 +170,12 @@ fn request(cmd: &BuildCmd) -> Result<(BuildRequest, &BuildArgs)> {
             BuildRequest::RaspiFirmware { firmware: absolute(firmware)?, linux: absolute(linux)? },
             common,
         ),
-        BuildCmd::Discovery { linux, busybox, agent, common } => {
+        BuildCmd::Discovery { linux, busybox, agent, arch, common } => {
             let request = BuildRequest::Discovery {
                 linux: absolute(linux)?,
                 busybox: absolute(busybox)?,
                 agent: absolute(agent)?,
+                arch: *arch,
             };
             (request, common)
         }

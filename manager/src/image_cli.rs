@@ -125,11 +125,11 @@ async fn build(
     };
     let kernel = match &definition.artifacts.kernel {
         Some(name) => stored(name.to_string())?,
-        None => stored(format!("discovery-{}-vmlinuz", arch_name(arch)))?,
+        None => stored(format!("discovery-{}-vmlinuz", arch.as_str()))?,
     };
     let initrd = match &definition.artifacts.initrd {
         Some(name) => stored(name.to_string())?,
-        None => stored(format!("discovery-{}-initrd", arch_name(arch)))?,
+        None => stored(format!("discovery-{}-initrd", arch.as_str()))?,
     };
 
     let mut media = BTreeMap::new();
@@ -161,7 +161,7 @@ async fn build(
                 }
             }
             MediaFormat::PxeBundle => {
-                let dir = format!("discovery/{}", arch_name(arch));
+                let dir = format!("discovery/{}", arch.as_str());
                 inputs.insert(format!("{dir}/vmlinuz"), kernel);
                 inputs.insert(format!("{dir}/initrd"), initrd);
                 let loaders = crate::boot_artifacts::HTTP_BOOT_FILES;
@@ -254,13 +254,6 @@ async fn kernel_words(
     ctpf_packagers::media::check_kernel_words(&words)
         .context("boot.kernel_cmdline or boot.manager_url")?;
     Ok(words)
-}
-
-fn arch_name(arch: Arch) -> &'static str {
-    match arch {
-        Arch::X86_64 => "x86_64",
-        Arch::Arm64 => "arm64",
-    }
 }
 
 /// Submits a build and waits for it (a cache hit answers at once).

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use ctpf_builders::{Builder, BuilderConfig};
 use ctpf_bus::{Bus, BusConfig, MemoryBus, RedisBus};
-use ctpf_common::WorkerIdentity;
+use ctpf_common::{Arch, WorkerIdentity};
 use ctpf_distributors::{
     boot_service::{BootService, BootServiceConfig, TftpArtifacts},
     jobs::WorkerConfig,
@@ -254,14 +254,21 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
 
     let discovery_cmdline = plane.discovery.discovery_cmdline.clone();
     ctpf_scripts::KernelCmdline::parse("--discovery-cmdline", &discovery_cmdline)?;
-    let discovery_sources = match plane.discovery.sources() {
-        Ok(sources) => Some(sources),
+    // One discovery image per architecture with inputs: x86_64 from the defaults or flags,
+    // arm64 only when its inputs are named.
+    let mut discovery_sources = Vec::new();
+    match plane.discovery.sources() {
+        Ok(sources) => discovery_sources.push((Arch::X86_64, sources)),
         Err(why) if plane.discovery.asked_for() => bail!("discovery image: {why}"),
         Err(why) => {
             tracing::warn!("discovery image not built, PXE-booted machines cannot enroll: {why}");
-            None
         }
-    };
+    }
+    match plane.discovery.arm64_sources() {
+        Ok(Some(sources)) => discovery_sources.push((Arch::Arm64, sources)),
+        Ok(None) => {}
+        Err(why) => bail!("discovery image: {why}"),
+    }
 
     // The report loop and the local worker run before anything below submits build jobs.
     let stop_ingest = CancellationToken::new();
@@ -289,23 +296,28 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         None => None,
     };
 
-    if let Some(sources) = &discovery_sources {
-        let job = boot_artifacts::submit_discovery(&registry, sources).await?;
+    // Every image is submitted before any is waited for, so builders make them at once.
+    let mut discovery_jobs = Vec::new();
+    for (arch, sources) in &discovery_sources {
+        discovery_jobs
+            .push((*arch, boot_artifacts::submit_discovery(&registry, *arch, sources).await?));
+    }
+    for (arch, job) in discovery_jobs {
         if has_local_builder {
-            // `ctpf up` serves nothing before its discovery image is ready.
+            // `ctpf up` serves nothing before its discovery images are ready.
             let job =
                 boot_artifacts::wait_for_job(&registry, job.id, Duration::from_secs(1800)).await?;
             match &job.manifest {
                 Some(m) => {
-                    tracing::info!(key = %m.key, cached = m.cached, duration_ms = m.duration_ms, "discovery image ready")
+                    tracing::info!(%arch, key = %m.key, cached = m.cached, duration_ms = m.duration_ms, "discovery image ready")
                 }
                 None => bail!(
-                    "building the discovery image: {}",
+                    "building the {arch} discovery image: {}",
                     job.error.as_deref().unwrap_or("failed")
                 ),
             }
         } else {
-            tracing::info!(job = %job.id, "discovery image build submitted to the builders");
+            tracing::info!(%arch, job = %job.id, "discovery image build submitted to the builders");
         }
     }
     let mut boot_service = plane.boot_service;
