@@ -49,8 +49,11 @@ const MAX_MANIFEST_BYTES: u64 = 1 << 20;
 pub struct BuilderConfig {
     /// Parent of the per-build working directories (each removed after its build).
     pub work_dir: PathBuf,
-    /// Parent of GRUB's per-platform module directories.
-    pub grub_lib: PathBuf,
+    /// Parents of GRUB's per-platform module directories (`x86_64-efi/`, `arm64-efi/`, ...),
+    /// searched in order: the first holding a target's platform builds it. Default
+    /// `/usr/lib/grub` alone; a Debian amd64 builder gets arm64-efi from an unpacked
+    /// grub-efi-arm64-bin:arm64 put before it.
+    pub grub_libs: Vec<PathBuf>,
     /// The root SYSLINUX files are collected from (`/`).
     pub syslinux_root: PathBuf,
     /// Exported to tools and used for file times: same inputs, same bytes.
@@ -67,7 +70,7 @@ impl BuilderConfig {
         let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
         Self {
             work_dir: work_dir.into(),
-            grub_lib: PathBuf::from(grub::DEBIAN_GRUB_LIB),
+            grub_libs: vec![PathBuf::from(grub::DEBIAN_GRUB_LIB)],
             syslinux_root: PathBuf::from("/"),
             source_date_epoch: 0,
             jobs: u32::try_from(jobs).unwrap_or(1).min(ipxe::MAX_JOBS),
@@ -477,7 +480,14 @@ impl Inner {
             BuildError::Invalid("no GRUB config given (the manager fills in its own)".into())
         })?;
         let mut request = GrubImageRequest::new(target, config);
-        request.grub_lib = self.config.grub_lib.clone();
+        // The first directory with the target's platform; else the last (the default), which
+        // names what is missing.
+        for lib in &self.config.grub_libs {
+            request.grub_lib = lib.clone();
+            if request.moddep().is_file() {
+                break;
+            }
+        }
         request.validate()?;
         let moddep = request.moddep();
         let (moddep_digest, _) = file_sha256(&moddep).map_err(io_error("reading", &moddep))?;

@@ -387,6 +387,14 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
 /// `SOURCE_DATE_EPOCH` from the environment (default 0).
 pub fn open_builder(data_dir: &Path, artifacts: Arc<dyn ArtifactStore>) -> Result<Builder> {
     let mut config = BuilderConfig::new(data_dir.join("builds"));
+    // GRUB module directories to search before Debian's /usr/lib/grub, e.g. an unpacked
+    // grub-efi-arm64-bin:arm64 (usr/lib/grub) for arm64 media on an amd64 builder.
+    if let Some(path) = std::env::var_os("CTPF_GRUB_LIB_PATH") {
+        let mut libs: Vec<PathBuf> =
+            std::env::split_paths(&path).filter(|dir| !dir.as_os_str().is_empty()).collect();
+        libs.append(&mut config.grub_libs);
+        config.grub_libs = libs;
+    }
     config.source_date_epoch =
         ctpf_builders::parse_source_date_epoch(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())?;
     Ok(Builder::new(config, artifacts)?)
