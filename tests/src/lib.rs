@@ -13,6 +13,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 pub mod qemu;
+pub mod qemu_arm64;
 
 /// A free TCP port on 127.0.0.1 (the listener is closed again; servers that cannot bind
 /// port 0 themselves need this).

@@ -174,7 +174,8 @@ fn an_image_definition_becomes_reproducible_media() {
     assert!(err.contains("media key gone"), "{err}");
 
     // A Raspberry Pi image: the firmware through the raspi_firmware build, Debian's arm64
-    // kernel and a stand-in initrd as stored artifacts (ctpf has no arm64 discovery image).
+    // kernel and a stand-in initrd as stored artifacts (this test builds no arm64 discovery
+    // image; arm64_qemu.rs boots the real one).
     let (firmware, linux) = raspi_trees().unwrap();
     let kernel = std::fs::read_dir(linux.join("boot")).unwrap().next().unwrap().unwrap().path();
     let initrd = dir.path().join("pi-initrd");
