@@ -25,7 +25,10 @@ pub const UDHCPC_SCRIPT: &str = include_str!("../assets/udhcpc.script");
 pub enum DiscoveryError {
     #[error("discovery image input {what} ({path}): {source}")]
     Input { what: &'static str, path: PathBuf, source: io::Error },
-    #[error("the agent {path} {reason}; build it with --target {target}", target = arch.musl_target())]
+    #[error(
+        "the agent {path} {reason}; build it with --target {target}",
+        target = arch.musl_target()
+    )]
     AgentNotStatic { path: PathBuf, reason: &'static str, arch: Arch },
     #[error("{what} {path} {reason}")]
     UnknownMachine { what: &'static str, path: PathBuf, reason: &'static str },

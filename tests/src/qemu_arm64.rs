@@ -1,7 +1,7 @@
 //! arm64 machines for the tests: QEMU's `virt` board under TCG with UEFI firmware (Debian's
-//! qemu-efi-aarch64, AAVMF), booting ctpf media; and the arm64 discovery image's inputs that
-//! `.ci/run` prepares (Debian's arm64 kernel package and busybox-static:arm64) or cargo
-//! builds (the agent for `aarch64-unknown-linux-musl`).
+//! qemu-efi-aarch64, AAVMF) booting ctpf media, and a Raspberry Pi 3B (`raspi3b`); and the
+//! arm64 discovery image's inputs that `.ci/run` prepares (Debian's arm64 kernel package and
+//! busybox-static:arm64) or cargo builds (the agent for `aarch64-unknown-linux-musl`).
 
 use std::{
     path::{Path, PathBuf},
@@ -107,7 +107,7 @@ pub struct Arm64Vm {
     child: Child,
     pub serial: PathBuf,
     pub started: Instant,
-    _vars: tempfile::NamedTempFile,
+    _vars: Option<tempfile::NamedTempFile>,
 }
 
 impl Arm64Vm {
@@ -139,6 +139,45 @@ impl Arm64Vm {
                     .args(["-device", "usb-storage,drive=media,bootindex=0"]);
             }
         }
+        Self::spawn(cmd, serial, Some(vars))
+    }
+
+    /// A Raspberry Pi 3B (QEMU `raspi3b`) started the way the Pi's firmware starts a ctpf
+    /// medium: `kernel`, `initrd`, the board's device tree and `cmdline` (QEMU cannot run the
+    /// VideoCore firmware itself). Its network is a USB NIC (`usb-net`, CDC Ethernet) on the
+    /// SoC's dwc2 USB controller, on QEMU's user-mode network; the serial console is the mini
+    /// UART (`ttyS1`, the second QEMU serial port).
+    pub fn boot_raspi3b(
+        kernel: &Path,
+        dtb: &Path,
+        initrd: &Path,
+        cmdline: &str,
+        mac: &str,
+        serial: PathBuf,
+    ) -> Result<Self> {
+        let mut cmd = Command::new("qemu-system-aarch64");
+        cmd.args(["-M", "raspi3b", "-m", "1G", "-accel", "tcg"])
+            .args(["-nographic", "-monitor", "none"])
+            .arg("-kernel")
+            .arg(kernel)
+            .arg("-dtb")
+            .arg(dtb)
+            .arg("-initrd")
+            .arg(initrd)
+            .args(["-append", cmdline])
+            .args(["-serial", "null"])
+            .arg("-serial")
+            .arg(format!("file:{}", serial.display()))
+            .args(["-netdev", "user,id=n0"])
+            .args(["-device", &format!("usb-net,netdev=n0,mac={mac}")]);
+        Self::spawn(cmd, serial, None)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        serial: PathBuf,
+        vars: Option<tempfile::NamedTempFile>,
+    ) -> Result<Self> {
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
