@@ -58,7 +58,7 @@ impl Site {
         let (url, s3) = (self.redis.url(), self.s3.endpoint());
         let data = self.dir.path().join(format!("{id}-data"));
         let mut args = vec!["worker", "--redis", &url, "--datacenter", datacenter];
-        args.extend(["--id", id, "--role", "builder", "--job-lease", "2", "--s3", &s3]);
+        args.extend(["--id", id, "--role", "builder,packager", "--job-lease", "2", "--s3", &s3]);
         args.extend(["--data-dir", data.to_str().unwrap()]);
         for t in tags {
             args.extend(["--tag", t]);
@@ -233,7 +233,9 @@ async fn a_dead_redis_is_a_clean_503_and_the_manager_recovers() {
 }
 
 /// A build submitted to the manager runs on a separate builder worker, which stores the
-/// image in S3; the manager serves it by name. The same request again is a cache hit.
+/// image in S3; the manager serves it by name. The same request again is a cache hit. A
+/// packaging job over that output runs on the worker too (its packager role), and the
+/// medium it writes to S3 is served by name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_runs_on_a_builder_worker_and_its_output_is_served_by_the_manager() {
     let site = Site::start().await;
@@ -275,4 +277,36 @@ async fn a_build_runs_on_a_builder_worker_and_its_output_is_served_by_the_manage
             .any(|l| l["text"].as_str().unwrap().contains("grub-mkimage")),
         "{log}"
     );
+
+    let size = job["manifest"]["outputs"][0]["size"].as_u64().unwrap();
+    let package = json!({
+        "request": {
+            "format": "pxe_bundle",
+            "label": "DIST",
+            "inputs": {"grubx64.efi": {"digest": digest, "size": size}},
+            "source_date_epoch": 1_700_000_000u64,
+        },
+        "name": "dist.tar",
+    });
+    let packaged = site
+        .http
+        .post(format!("{}/v1/packages?wait=120", site.manager.api()))
+        .bearer_auth(&site.token)
+        .json(&package)
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(packaged["status"], "succeeded", "{packaged}");
+    assert_eq!(packaged["worker"], "builder-1");
+    assert_eq!(packaged["package"]["boot_modes"], json!(["pxe_uefi_x86_64"]));
+    let url = format!("{}/v1/artifacts/dist.tar/content", site.manager.api());
+    let tar = site.http.get(url).bearer_auth(&site.token).send().await.unwrap();
+    assert!(tar.status().is_success(), "{}", tar.status());
+    let tar = tar.bytes().await.unwrap();
+    let tar_digest = ctpf_common::Sha256Digest::of(&tar).to_string();
+    assert_eq!(packaged["package"]["digest"], tar_digest.as_str());
+    assert_eq!(&tar[..11], b"grubx64.efi");
 }
