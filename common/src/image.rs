@@ -15,7 +15,8 @@ pub struct ImageDefinition {
     pub name: Name,
     #[serde(default)]
     pub description: String,
-    /// The machines it boots (one per medium for now: `x86_64` or `arm64`).
+    /// The machines it boots: `x86_64`, `arm64` or both. Media for both carry both
+    /// discovery kernels and GRUB for each; Raspberry Pi media are arm64 only.
     pub architectures: Vec<Arch>,
     pub formats: Vec<MediaFormat>,
     /// Volume label (`A-Z`, `0-9`, `_`); the name in upper case by default.
@@ -92,11 +93,20 @@ impl ImageDefinition {
     }
 
     fn check(&self) -> Result<(), ParseError> {
-        if self.architectures.len() != 1 {
+        let arches = &self.architectures;
+        if arches.is_empty() || arches.len() > 2 || (arches.len() == 2 && arches[0] == arches[1]) {
             return Err(ParseError::new(
                 "architectures",
-                format!("{:?}", self.architectures),
-                "name exactly one architecture (x86_64 or arm64) per image",
+                format!("{arches:?}"),
+                "name x86_64, arm64, or both",
+            ));
+        }
+        if arches.len() == 2 && (self.artifacts.kernel.is_some() || self.artifacts.initrd.is_some())
+        {
+            return Err(ParseError::new(
+                "artifacts",
+                "",
+                "artifacts.kernel/initrd name one kernel: use them with one architecture",
             ));
         }
         if self.formats.is_empty() {
@@ -122,9 +132,8 @@ impl ImageDefinition {
                 ),
             ));
         }
-        let arch = self.architectures[0];
         if self.formats.contains(&MediaFormat::Raspi) {
-            if arch != Arch::Arm64 {
+            if arches.as_slice() != [Arch::Arm64] {
                 return Err(ParseError::new("formats", "raspi", "Raspberry Pi media are arm64"));
             }
             if self.raspi.is_none() {
@@ -145,8 +154,12 @@ impl ImageDefinition {
         Ok(())
     }
 
-    pub fn arch(&self) -> Arch {
-        self.architectures[0]
+    /// The architectures, x86_64 first (on media for both it is the main kernel, which
+    /// BIOS and x86_64 UEFI boot).
+    pub fn arches(&self) -> Vec<Arch> {
+        let mut arches = self.architectures.clone();
+        arches.sort_by_key(|a| *a != Arch::X86_64);
+        arches
     }
 
     /// The volume label: as given, or the name in upper case with '-' as '_'.
@@ -221,7 +234,21 @@ kernel_cmdline = ["console=ttyS0,115200"]
         assert!(ImageDefinition::from_toml(&raspi).unwrap_err().to_string().contains("arm64"));
         // arm64 media default to the arm64 discovery image, like x86_64 ones.
         let arm = DEMO.replace(r#"["x86_64"]"#, r#"["arm64"]"#);
-        assert_eq!(ImageDefinition::from_toml(&arm).unwrap().arch(), Arch::Arm64);
+        assert_eq!(ImageDefinition::from_toml(&arm).unwrap().arches(), [Arch::Arm64]);
+        let both = DEMO.replace(r#"["x86_64"]"#, r#"["arm64", "x86_64"]"#);
+        assert_eq!(
+            ImageDefinition::from_toml(&both).unwrap().arches(),
+            [Arch::X86_64, Arch::Arm64]
+        );
+        let twice = DEMO.replace(r#"["x86_64"]"#, r#"["arm64", "arm64"]"#);
+        assert!(ImageDefinition::from_toml(&twice).is_err());
+        let both_kernel = format!("{both}\n[artifacts]\nkernel = \"k\"\n");
+        assert!(
+            ImageDefinition::from_toml(&both_kernel)
+                .unwrap_err()
+                .to_string()
+                .contains("one architecture")
+        );
         let label = format!("label = \"bad label\"\n{DEMO}");
         assert!(ImageDefinition::from_toml(&label).unwrap_err().to_string().contains("label"));
     }

@@ -13,7 +13,8 @@ use ctpf_common::{
     PackageRequest, TagSelector,
 };
 use ctpf_packagers::service::{
-    EFI_ARM64, EFI_X86_64, FIRMWARE_PREFIX, INITRD, ISOHDPFX_BIN, ISOLINUX_BIN, KERNEL, LDLINUX_C32,
+    EFI_ARM64, EFI_X86_64, FIRMWARE_PREFIX, INITRD, INITRD_ARM64, ISOHDPFX_BIN, ISOLINUX_BIN,
+    KERNEL, KERNEL_ARM64, LDLINUX_C32,
 };
 
 use crate::cli::{Cli, client, label, print};
@@ -108,7 +109,7 @@ async fn build(
     definition: &ImageDefinition,
     no_cache: bool,
 ) -> Result<BTreeMap<String, PackageManifest>> {
-    let arch = definition.arch();
+    let arches = definition.arches();
     let kernel_words = kernel_words(api, api_url, definition).await?;
     let source_date_epoch = match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(value) => value.trim().parse().context("SOURCE_DATE_EPOCH is not a number")?,
@@ -123,14 +124,21 @@ async fn build(
     let stored = |name: String| {
         artifacts.get(&name).copied().with_context(|| format!("no artifact named {name}"))
     };
-    let kernel = match &definition.artifacts.kernel {
-        Some(name) => stored(name.to_string())?,
-        None => stored(format!("discovery-{}-vmlinuz", arch.as_str()))?,
-    };
-    let initrd = match &definition.artifacts.initrd {
-        Some(name) => stored(name.to_string())?,
-        None => stored(format!("discovery-{}-initrd", arch.as_str()))?,
-    };
+    // Each architecture's kernel and initrd: the definition's (one architecture only) or
+    // ctpf's discovery image.
+    let mut kernels = Vec::new();
+    for &arch in &arches {
+        let kernel = match &definition.artifacts.kernel {
+            Some(name) => stored(name.to_string())?,
+            None => stored(format!("discovery-{}-vmlinuz", arch.as_str()))?,
+        };
+        let initrd = match &definition.artifacts.initrd {
+            Some(name) => stored(name.to_string())?,
+            None => stored(format!("discovery-{}-initrd", arch.as_str()))?,
+        };
+        kernels.push((arch, kernel, initrd));
+    }
+    let (_, kernel, initrd) = kernels[0];
 
     let mut media = BTreeMap::new();
     for &format in &definition.formats {
@@ -139,21 +147,28 @@ async fn build(
             MediaFormat::Iso | MediaFormat::Usb => {
                 inputs.insert(KERNEL.to_owned(), kernel);
                 inputs.insert(INITRD.to_owned(), initrd);
-                let (target, role) = match arch {
-                    Arch::X86_64 => ("x86_64-efi", EFI_X86_64),
-                    Arch::Arm64 => ("arm64-efi", EFI_ARM64),
-                };
-                let grub = run_build(
-                    api,
-                    BuildRequest::Grub {
-                        target: target.into(),
-                        config: Some(ctpf_packagers::media::GRUB_EMBEDDED_CONFIG.into()),
-                        chain_ipxe: false,
-                    },
-                )
-                .await?;
-                inputs.insert(role.to_owned(), output(&grub, "")?);
-                if format == MediaFormat::Iso && definition.boot.bios && arch == Arch::X86_64 {
+                if let [_, (Arch::Arm64, kernel, initrd)] = kernels.as_slice() {
+                    inputs.insert(KERNEL_ARM64.to_owned(), *kernel);
+                    inputs.insert(INITRD_ARM64.to_owned(), *initrd);
+                }
+                for &arch in &arches {
+                    let (target, role) = match arch {
+                        Arch::X86_64 => ("x86_64-efi", EFI_X86_64),
+                        Arch::Arm64 => ("arm64-efi", EFI_ARM64),
+                    };
+                    let grub = run_build(
+                        api,
+                        BuildRequest::Grub {
+                            target: target.into(),
+                            config: Some(ctpf_packagers::media::GRUB_EMBEDDED_CONFIG.into()),
+                            chain_ipxe: false,
+                        },
+                    )
+                    .await?;
+                    inputs.insert(role.to_owned(), output(&grub, "")?);
+                }
+                let bios = definition.boot.bios && arches.contains(&Arch::X86_64);
+                if format == MediaFormat::Iso && bios {
                     let syslinux = run_build(api, BuildRequest::Syslinux {}).await?;
                     inputs.insert(ISOLINUX_BIN.to_owned(), output(&syslinux, "isolinux.bin")?);
                     inputs.insert(LDLINUX_C32.to_owned(), output(&syslinux, "ldlinux.c32")?);
@@ -161,9 +176,12 @@ async fn build(
                 }
             }
             MediaFormat::PxeBundle => {
-                let dir = format!("discovery/{}", arch.as_str());
-                inputs.insert(format!("{dir}/vmlinuz"), kernel);
-                inputs.insert(format!("{dir}/initrd"), initrd);
+                for (arch, kernel, initrd) in &kernels {
+                    let dir = format!("discovery/{}", arch.as_str());
+                    inputs.insert(format!("{dir}/vmlinuz"), *kernel);
+                    inputs.insert(format!("{dir}/initrd"), *initrd);
+                }
+                let discovery_files = inputs.len();
                 let loaders = crate::boot_artifacts::HTTP_BOOT_FILES;
                 for file in loaders {
                     let name = crate::boot_artifacts::boot_file_artifact(file);
@@ -171,7 +189,7 @@ async fn build(
                         inputs.insert((*file).to_owned(), *input);
                     }
                 }
-                if inputs.len() == 2 {
+                if inputs.len() == discovery_files {
                     let names: Vec<String> = loaders
                         .iter()
                         .map(|f| crate::boot_artifacts::boot_file_artifact(f))

@@ -67,6 +67,9 @@ pub enum MediaError {
 pub struct BootFiles {
     pub kernel: Source,
     pub initrd: Source,
+    /// On media that boot both x86_64 and arm64 machines: the arm64 kernel and initrd
+    /// (`kernel`/`initrd` are then the x86_64 ones). GRUB picks by `$grub_cpu`.
+    pub arm64: Option<KernelFiles>,
     /// GRUB x86_64-efi image built with [`GRUB_EMBEDDED_CONFIG`].
     pub efi_x86_64: Option<Source>,
     /// GRUB arm64-efi image built with [`GRUB_EMBEDDED_CONFIG`].
@@ -74,6 +77,17 @@ pub struct BootFiles {
     /// isolinux.bin, ldlinux.c32 and isohdpfx.bin for BIOS.
     pub syslinux: Option<Syslinux>,
 }
+
+/// A kernel and its initramfs.
+#[derive(Debug, Clone)]
+pub struct KernelFiles {
+    pub kernel: Source,
+    pub initrd: Source,
+}
+
+/// Where the second architecture's kernel and initrd go on dual-architecture media.
+const ARM64_KERNEL_PATH: &str = "boot/arm64/vmlinuz";
+const ARM64_INITRD_PATH: &str = "boot/arm64/initrd.img";
 
 #[derive(Debug, Clone)]
 pub struct Syslinux {
@@ -127,14 +141,50 @@ pub fn isolinux_cfg(config: &MediaConfig) -> String {
 }
 
 pub fn grub_cfg(config: &MediaConfig) -> String {
+    grub_cfg_for(config, false)
+}
+
+/// The medium's GRUB config; with `dual_arch`, arm64 GRUB (`$grub_cpu`) boots
+/// `/boot/arm64/` and every other GRUB `/boot/`. (The file is read by `configfile`, whose
+/// full parser has `if`.)
+pub fn grub_cfg_for(config: &MediaConfig, dual_arch: bool) -> String {
     let words: Vec<String> = config.kernel_words.iter().map(|w| format!("'{w}'")).collect();
+    let words = words.join(" ");
+    let boot = if dual_arch {
+        format!(
+            "if [ \"$grub_cpu\" = arm64 ]; then\n\
+             \x20 linux /{ARM64_KERNEL_PATH} {words}\n  initrd /{ARM64_INITRD_PATH}\n\
+             else\n  linux /boot/vmlinuz {words}\n  initrd /boot/initrd.img\nfi\n"
+        )
+    } else {
+        format!("linux /boot/vmlinuz {words}\ninitrd /boot/initrd.img\n")
+    };
     format!(
         "# ctpf boot medium: start the discovery image\n\
          echo 'ctpf: booting the discovery environment from this medium'\n\
-         linux /boot/vmlinuz {}\ninitrd /boot/initrd.img\nboot\n\
-         echo 'ctpf: booting failed, rebooting in 10 seconds'\nsleep 10\nreboot\n",
-        words.join(" ")
+         {boot}boot\n\
+         echo 'ctpf: booting failed, rebooting in 10 seconds'\nsleep 10\nreboot\n"
     )
+}
+
+/// The kernels and the GRUB config of a medium, by path.
+fn kernel_tree(
+    files: &BootFiles,
+    config: &MediaConfig,
+) -> Result<BTreeMap<String, Source>, MediaError> {
+    if files.arm64.is_some() && files.efi_arm64.is_none() {
+        return Err(MediaError::Missing("an arm64 GRUB loader for the arm64 kernel"));
+    }
+    let mut tree = BTreeMap::new();
+    tree.insert("boot/vmlinuz".to_owned(), files.kernel.clone());
+    tree.insert("boot/initrd.img".to_owned(), files.initrd.clone());
+    if let Some(arm64) = &files.arm64 {
+        tree.insert(ARM64_KERNEL_PATH.to_owned(), arm64.kernel.clone());
+        tree.insert(ARM64_INITRD_PATH.to_owned(), arm64.initrd.clone());
+    }
+    let cfg = grub_cfg_for(config, files.arm64.is_some());
+    tree.insert(GRUB_CONFIG_PATH.to_owned(), Source::Bytes(cfg.into_bytes()));
+    Ok(tree)
 }
 
 /// The GRUB EFI images as the removable-media default loaders of an ESP.
@@ -206,10 +256,7 @@ pub fn iso_tree(
     if files.syslinux.is_none() && files.efi_x86_64.is_none() && files.efi_arm64.is_none() {
         return Err(MediaError::Missing("a BIOS (syslinux) or UEFI (GRUB) loader"));
     }
-    let mut tree = BTreeMap::new();
-    tree.insert("boot/vmlinuz".to_owned(), files.kernel.clone());
-    tree.insert("boot/initrd.img".to_owned(), files.initrd.clone());
-    tree.insert(GRUB_CONFIG_PATH.to_owned(), Source::Bytes(grub_cfg(config).into_bytes()));
+    let mut tree = kernel_tree(files, config)?;
     if let Some(syslinux) = &files.syslinux {
         tree.insert("isolinux/isolinux.bin".to_owned(), syslinux.isolinux_bin.clone());
         tree.insert("isolinux/ldlinux.c32".to_owned(), syslinux.ldlinux_c32.clone());
@@ -248,9 +295,7 @@ pub fn usb_esp_tree(
         return Err(MediaError::Missing("a UEFI (GRUB) loader"));
     }
     let mut esp = efi_loaders(files);
-    esp.insert("boot/vmlinuz".to_owned(), files.kernel.clone());
-    esp.insert("boot/initrd.img".to_owned(), files.initrd.clone());
-    esp.insert(GRUB_CONFIG_PATH.to_owned(), Source::Bytes(grub_cfg(config).into_bytes()));
+    esp.extend(kernel_tree(files, config)?);
     Ok(esp)
 }
 
@@ -539,6 +584,14 @@ mod tests {
         };
         assert!(isolinux_cfg(&config).contains("  APPEND console=ttyS0 ctpf.token=k\n"));
         assert!(grub_cfg(&config).contains("linux /boot/vmlinuz 'console=ttyS0' 'ctpf.token=k'\n"));
+        let dual = grub_cfg_for(&config, true);
+        assert!(
+            dual.contains(
+                "if [ \"$grub_cpu\" = arm64 ]; then\n  linux /boot/arm64/vmlinuz 'console=ttyS0' \
+                 'ctpf.token=k'\n  initrd /boot/arm64/initrd.img\nelse\n  linux /boot/vmlinuz"
+            ),
+            "{dual}"
+        );
     }
 
     fn raspi_config(words: &[&str]) -> MediaConfig {

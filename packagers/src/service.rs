@@ -45,6 +45,10 @@ const MAX_KERNEL_WORDS: usize = 64;
 pub const KERNEL: &str = "kernel";
 pub const INITRD: &str = "initrd";
 pub const EFI_X86_64: &str = "efi_x86_64";
+/// Media for both architectures: the arm64 kernel and initrd (then `kernel`/`initrd` are
+/// the x86_64 ones).
+pub const KERNEL_ARM64: &str = "kernel_arm64";
+pub const INITRD_ARM64: &str = "initrd_arm64";
 pub const EFI_ARM64: &str = "efi_arm64";
 pub const ISOLINUX_BIN: &str = "isolinux_bin";
 pub const LDLINUX_C32: &str = "ldlinux_c32";
@@ -98,11 +102,13 @@ fn roles_text(format: MediaFormat) -> String {
     match format {
         MediaFormat::Iso => format!(
             "{KERNEL}, {INITRD} and at least one loader: {EFI_X86_64}, {EFI_ARM64}, or all of \
-             {ISOLINUX_BIN}, {LDLINUX_C32}, {ISOHDPFX_BIN}"
+             {ISOLINUX_BIN}, {LDLINUX_C32}, {ISOHDPFX_BIN}; for both architectures also \
+             {KERNEL_ARM64}, {INITRD_ARM64}"
         ),
-        MediaFormat::Usb => {
-            format!("{KERNEL}, {INITRD} and at least one of {EFI_X86_64}, {EFI_ARM64}")
-        }
+        MediaFormat::Usb => format!(
+            "{KERNEL}, {INITRD} and at least one of {EFI_X86_64}, {EFI_ARM64}; for both \
+             architectures also {KERNEL_ARM64}, {INITRD_ARM64}"
+        ),
         MediaFormat::Raspi => format!("{KERNEL}, {INITRD} and {FIRMWARE_PREFIX}PATH files"),
         MediaFormat::PxeBundle => "the served paths (e.g. undionly.kpxe, ipxe.efi)".into(),
     }
@@ -141,12 +147,25 @@ pub fn validate(request: &PackageRequest) -> Result<(), PackageError> {
         MediaFormat::Iso | MediaFormat::Usb => {
             require(&[KERNEL, INITRD])?;
             let allowed: &[&str] = if format == MediaFormat::Iso {
-                &[KERNEL, INITRD, EFI_X86_64, EFI_ARM64, ISOLINUX_BIN, LDLINUX_C32, ISOHDPFX_BIN]
+                &[
+                    KERNEL,
+                    INITRD,
+                    KERNEL_ARM64,
+                    INITRD_ARM64,
+                    EFI_X86_64,
+                    EFI_ARM64,
+                    ISOLINUX_BIN,
+                    LDLINUX_C32,
+                    ISOHDPFX_BIN,
+                ]
             } else {
-                &[KERNEL, INITRD, EFI_X86_64, EFI_ARM64]
+                &[KERNEL, INITRD, KERNEL_ARM64, INITRD_ARM64, EFI_X86_64, EFI_ARM64]
             };
             if let Some(role) = inputs.keys().find(|r| !allowed.contains(&r.as_str())) {
                 return Err(unknown(role));
+            }
+            if inputs.contains_key(KERNEL_ARM64) || inputs.contains_key(INITRD_ARM64) {
+                require(&[KERNEL_ARM64, INITRD_ARM64, EFI_ARM64])?;
             }
             let syslinux = SYSLINUX_ROLES.iter().filter(|r| inputs.contains_key(**r)).count();
             if syslinux != 0 {
@@ -448,9 +467,14 @@ fn write_medium(
                 }
                 _ => None,
             };
+            let arm64 = match (source(KERNEL_ARM64), source(INITRD_ARM64)) {
+                (Some(kernel), Some(initrd)) => Some(media::KernelFiles { kernel, initrd }),
+                _ => None,
+            };
             let files = BootFiles {
                 kernel: required(KERNEL)?,
                 initrd: required(INITRD)?,
+                arm64,
                 efi_x86_64: source(EFI_X86_64),
                 efi_arm64: source(EFI_ARM64),
                 syslinux,
@@ -602,6 +626,10 @@ mod tests {
         let mut all = vec![KERNEL, INITRD, EFI_ARM64];
         all.extend(SYSLINUX_ROLES);
         validate(&request(MediaFormat::Iso, &all)).unwrap();
+        let err = validate(&request(MediaFormat::Usb, &[KERNEL, INITRD, EFI_X86_64, KERNEL_ARM64]));
+        assert!(err.unwrap_err().to_string().contains("initrd_arm64, efi_arm64"));
+        let both = [KERNEL, INITRD, EFI_X86_64, KERNEL_ARM64, INITRD_ARM64, EFI_ARM64];
+        validate(&request(MediaFormat::Usb, &both)).unwrap();
 
         let err = validate(&request(MediaFormat::PxeBundle, &["../etc/passwd"])).unwrap_err();
         assert!(err.to_string().contains("../etc/passwd"), "{err}");

@@ -94,6 +94,7 @@ fn main() -> Result<()> {
         kernel: Source::file(&kernel)?,
         initrd: Source::file(&initrd)?,
         efi_x86_64: Some(Source::file(&grub)?),
+        arm64: None,
         efi_arm64: None,
         syslinux: Some(Syslinux {
             isolinux_bin: Source::file(ISOLINUX_BIN)?,

@@ -1,11 +1,13 @@
 //! arm64 acceptance: `ctpf up` builds the arm64 discovery image beside the x86_64 one (two
 //! build jobs, from Debian's arm64 kernel package, busybox-static:arm64 and the agent built
 //! for aarch64-unknown-linux-musl), the PXE routes serve each architecture its own, and
-//! `ctpf image build` turns an `architectures = ["arm64"]` definition into an ISO and a USB
-//! stick (GRUB arm64-efi as `EFI/BOOT/BOOTAA64.EFI`) that an arm64 machine boots to the
-//! discovery callback: QEMU `virt` (Cortex-A57, TCG) with AAVMF UEFI firmware, the ISO as a
-//! CD and the stick on USB, on QEMU's user-mode network, which reaches `ctpf up` on the
-//! host's loopback as 10.0.2.2. Each machine enrolls with the media key as an arm64 host.
+//! `ctpf image build` turns an `architectures = ["x86_64", "arm64"]` definition into an ISO
+//! and a USB stick for both (GRUB as `EFI/BOOT/BOOTX64.EFI` and `BOOTAA64.EFI`, both
+//! discovery kernels, a GRUB config choosing by `$grub_cpu`) that an arm64 machine boots to
+//! the discovery callback: QEMU `virt` (Cortex-A57, TCG) with AAVMF UEFI firmware, the ISO
+//! as a CD and the stick on USB, on QEMU's user-mode network, which reaches `ctpf up` on the
+//! host's loopback as 10.0.2.2. Each machine enrolls with the media key as an arm64 host; an
+//! x86_64 machine (OVMF) boots the same ISO and enrolls as x86_64.
 //! Then a Raspberry Pi medium from the same definition path: QEMU cannot run the Pi's
 //! VideoCore firmware, so a `raspi3b` machine starts what the firmware would, read from the
 //! image's FAT (kernel, initramfs, the Pi 3B's device tree, `cmdline.txt`), and the discovery
@@ -23,7 +25,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 use ctpf_common::{BootMode, PackageManifest};
 use ctpf_e2e::{
     CtpfProcess, ctpf_cli,
-    qemu::{Media, discovery_agent, discovery_linux, raspi_trees},
+    qemu::{Firmware, Media, Vm, discovery_agent, discovery_linux, raspi_trees},
     qemu_arm64::{
         AGENT_TARGET_ARM64, Arm64Vm, busybox_arm64, discovery_agent_for, discovery_linux_arm64,
         grub_lib_arm64,
@@ -137,9 +139,10 @@ fn an_arm64_machine_boots_ctpf_media_to_the_discovery_callback() {
     std::fs::write(
         &definition,
         format!(
-            "name = \"arm\"\narchitectures = [\"arm64\"]\nformats = [\"iso\", \"usb\"]\n\
+            "name = \"arm\"\narchitectures = [\"x86_64\", \"arm64\"]\n\
+             formats = [\"iso\", \"usb\"]\n\
              [boot]\nmedia_key = \"arm-sticks\"\nmanager_url = \"http://10.0.2.2:{port}/\"\n\
-             kernel_cmdline = [\"console=ttyAMA0\"]\n"
+             kernel_cmdline = [\"console=ttyS0\", \"console=ttyAMA0\"]\n"
         ),
     )
     .unwrap();
@@ -150,11 +153,24 @@ fn an_arm64_machine_boots_ctpf_media_to_the_discovery_callback() {
         definition.to_str().unwrap(),
     ]))
     .unwrap();
-    assert_eq!(media["arm.iso"].boot_modes, [BootMode::UefiArm64Cdrom, BootMode::UefiArm64Usb]);
-    assert_eq!(media["arm.img"].boot_modes, [BootMode::UefiArm64Usb]);
+    assert_eq!(
+        media["arm.iso"].boot_modes,
+        [
+            BootMode::BiosCdrom,
+            BootMode::BiosUsb,
+            BootMode::UefiX86_64Cdrom,
+            BootMode::UefiX86_64Usb,
+            BootMode::UefiArm64Cdrom,
+            BootMode::UefiArm64Usb
+        ]
+    );
+    assert_eq!(media["arm.img"].boot_modes, [BootMode::UefiX86_64Usb, BootMode::UefiArm64Usb]);
     let stick: Vec<&str> = media["arm.img"].contents.iter().map(|e| e.path.as_str()).collect();
-    assert!(stick.contains(&"EFI/BOOT/BOOTAA64.EFI"), "{stick:?}");
-    assert!(!stick.contains(&"EFI/BOOT/BOOTX64.EFI"), "{stick:?}");
+    for file in
+        ["EFI/BOOT/BOOTAA64.EFI", "EFI/BOOT/BOOTX64.EFI", "boot/arm64/vmlinuz", "boot/vmlinuz"]
+    {
+        assert!(stick.contains(&file), "{file} not in {stick:?}");
+    }
     let (iso, img) = (dir.path().join("arm.iso"), dir.path().join("arm.img"));
     up.cli(&["image", "download", "arm.iso", "-o", iso.to_str().unwrap()]);
     up.cli(&["image", "download", "arm.img", "-o", img.to_str().unwrap()]);
@@ -187,6 +203,22 @@ fn an_arm64_machine_boots_ctpf_media_to_the_discovery_callback() {
         assert_eq!(host["media_key"], "arm-sticks", "{name}");
         vm.stop();
     }
+
+    // The same ISO on an x86_64 machine: GRUB's x86_64 branch, the x86_64 kernel.
+    let mac = "52:54:00:a6:40:04";
+    let serial = dir.path().join("arm.iso-x86_64.serial.log");
+    let mut vm = Vm::boot_media(Firmware::Uefi, Media::Cdrom, &iso, mac, serial).unwrap();
+    vm.wait_for("arm.iso on x86_64: the discovery callback", BOOT_TIMEOUT, |vm| {
+        vm.serial_text().contains("ctpf-agent: enrolled host").then_some(())
+    })
+    .unwrap();
+    let hosts: Vec<Value> = serde_json::from_slice(&up.cli(&["hosts", "list", "--json"])).unwrap();
+    let host = hosts
+        .iter()
+        .find(|h| h["macs"].as_array().is_some_and(|m| m.iter().any(|m| m == mac)))
+        .unwrap_or_else(|| panic!("no host with {mac}: {hosts:?}"));
+    assert_eq!(host["arch"], "x86_64");
+    vm.stop();
 
     // A Raspberry Pi medium (firmware from Debian's raspi-firmware, the device trees of the
     // same arm64 kernel package), its boot files read back from the FAT partition at 1 MiB.
@@ -249,5 +281,5 @@ fn an_arm64_machine_boots_ctpf_media_to_the_discovery_callback() {
         .unwrap_or_else(|| panic!("raspi3b: no host with {mac}: {hosts:?}"));
     assert_eq!(host["arch"], "arm64");
     assert_eq!(host["media_key"], "arm-sticks");
-    assert_eq!(hosts.len(), 3, "one host per machine");
+    assert_eq!(hosts.len(), 4, "one host per machine");
 }
