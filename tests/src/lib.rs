@@ -307,6 +307,43 @@ pub fn ctpf_cli(args: &[&str], env: &[(&str, &str)]) -> Result<std::process::Out
         .output()?)
 }
 
+/// A running `ctpf up` and its admin token: runs the CLI against it as an operator would.
+#[derive(Debug)]
+pub struct UpAdmin {
+    pub process: CtpfProcess,
+    pub token: String,
+}
+
+impl UpAdmin {
+    /// `process` runs `ctpf up --data-dir data`; the admin token is read from there.
+    pub fn new(process: CtpfProcess, data: &Path) -> Result<Self> {
+        let token = std::fs::read_to_string(data.join("admin.token"))
+            .context("reading the admin token")?
+            .trim()
+            .to_owned();
+        Ok(Self { process, token })
+    }
+
+    /// Runs `ctpf ARGS` against this `ctpf up`.
+    pub fn run(&self, args: &[&str]) -> Result<std::process::Output> {
+        ctpf_cli(args, &[("CTPF_API", self.process.api()), ("CTPF_TOKEN", self.token.as_str())])
+    }
+
+    /// The stdout of a command that must succeed (the test fails with its stderr otherwise).
+    pub fn cli(&self, args: &[&str]) -> Vec<u8> {
+        let out = self.run(args).expect("the ctpf binary runs");
+        assert!(out.status.success(), "ctpf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    }
+
+    /// The stderr of a command that must fail.
+    pub fn refused(&self, args: &[&str]) -> String {
+        let out = self.run(args).expect("the ctpf binary runs");
+        assert!(!out.status.success(), "ctpf {args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
 /// [`ctpf_cli`] inside a namespace (where a `ctpf up --boot-interface` API listens).
 pub fn ctpf_cli_in(
     netns: &Netns,

@@ -161,6 +161,8 @@ fn firmware_vars(cmd: &mut Command, firmware: Firmware) -> Result<Option<tempfil
 pub struct Vm {
     child: Child,
     pub serial: PathBuf,
+    /// When QEMU started (for power-on-to-callback times).
+    pub started: Instant,
     _vars: Option<tempfile::NamedTempFile>,
 }
 
@@ -214,18 +216,23 @@ impl Vm {
         Self::spawn(cmd, serial, vars)
     }
 
-    fn spawn(
+    /// Starts a QEMU command line (any architecture) whose serial console goes to
+    /// `serial`; `vars` is the UEFI vars copy it uses, kept alive with the machine.
+    pub(crate) fn spawn(
         mut cmd: Command,
         serial: PathBuf,
         vars: Option<tempfile::NamedTempFile>,
     ) -> Result<Self> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .context("starting qemu-system-x86_64 (apt qemu-system-x86)")?;
-        Ok(Self { child, serial, _vars: vars })
+            .with_context(|| {
+                format!("starting {program} (apt-get install qemu-system-x86 or qemu-system-arm)")
+            })?;
+        Ok(Self { child, serial, started: Instant::now(), _vars: vars })
     }
 
     pub fn serial_text(&self) -> String {

@@ -5,13 +5,12 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::qemu::Media;
+use crate::qemu::{Media, Vm};
 
 const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
 const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
@@ -101,18 +100,14 @@ pub const CPU: &str = "cortex-a57";
 /// An arm64 VM (QEMU `virt`, AAVMF UEFI, TCG) booting a medium, with QEMU's user-mode
 /// network (the guest reaches the host's loopback as 10.0.2.2) and a virtio NIC without a
 /// boot ROM; killed on drop. Its serial console (the PL011, `ttyAMA0` in Linux) goes to a
-/// file.
+/// file. The machine is a [`Vm`] (same waiting, logs and clean-up); this only builds its
+/// command lines.
 #[derive(Debug)]
-pub struct Arm64Vm {
-    child: Child,
-    pub serial: PathBuf,
-    pub started: Instant,
-    _vars: Option<tempfile::NamedTempFile>,
-}
+pub struct Arm64Vm;
 
 impl Arm64Vm {
     /// Boots `image` as a CD (virtio-scsi) or a USB stick (qemu-xhci + usb-storage).
-    pub fn boot_media(media: Media, image: &Path, mac: &str, serial: PathBuf) -> Result<Self> {
+    pub fn boot_media(media: Media, image: &Path, mac: &str, serial: PathBuf) -> Result<Vm> {
         // Each VM has its own UEFI variable store: the firmware writes boot entries there.
         let vars = tempfile::NamedTempFile::new()?;
         std::fs::copy(AAVMF_VARS, vars.path())
@@ -139,7 +134,7 @@ impl Arm64Vm {
                     .args(["-device", "usb-storage,drive=media,bootindex=0"]);
             }
         }
-        Self::spawn(cmd, serial, Some(vars))
+        Vm::spawn(cmd, serial, Some(vars))
     }
 
     /// A Raspberry Pi 3B (QEMU `raspi3b`) started the way the Pi's firmware starts a ctpf
@@ -154,7 +149,7 @@ impl Arm64Vm {
         cmdline: &str,
         mac: &str,
         serial: PathBuf,
-    ) -> Result<Self> {
+    ) -> Result<Vm> {
         let mut cmd = Command::new("qemu-system-aarch64");
         cmd.args(["-M", "raspi3b", "-m", "1G", "-accel", "tcg"])
             .args(["-nographic", "-monitor", "none"])
@@ -170,65 +165,6 @@ impl Arm64Vm {
             .arg(format!("file:{}", serial.display()))
             .args(["-netdev", "user,id=n0"])
             .args(["-device", &format!("usb-net,netdev=n0,mac={mac}")]);
-        Self::spawn(cmd, serial, None)
-    }
-
-    fn spawn(
-        mut cmd: Command,
-        serial: PathBuf,
-        vars: Option<tempfile::NamedTempFile>,
-    ) -> Result<Self> {
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting qemu-system-aarch64 (apt-get install qemu-system-arm)")?;
-        Ok(Self { child, serial, started: Instant::now(), _vars: vars })
-    }
-
-    pub fn serial_text(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
-    }
-
-    /// The last `lines` lines of the serial console, for failure messages.
-    pub fn serial_tail(&self, lines: usize) -> String {
-        let text = self.serial_text();
-        let all: Vec<&str> = text.lines().collect();
-        all[all.len().saturating_sub(lines)..].join("\n")
-    }
-
-    /// Waits until `check` passes, failing with the serial tail after `timeout` or when QEMU
-    /// exits.
-    pub fn wait_for<T>(
-        &mut self,
-        what: &str,
-        timeout: Duration,
-        mut check: impl FnMut(&Self) -> Option<T>,
-    ) -> Result<T> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(found) = check(self) {
-                return Ok(found);
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!("QEMU exited ({status}) before {what}; serial:\n{}", self.serial_tail(60));
-            }
-            if Instant::now() >= deadline {
-                bail!("no {what} within {timeout:?}; serial:\n{}", self.serial_tail(60));
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    pub fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Arm64Vm {
-    fn drop(&mut self) {
-        self.stop();
+        Vm::spawn(cmd, serial, None)
     }
 }

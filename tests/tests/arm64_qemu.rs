@@ -24,7 +24,7 @@ use std::{collections::BTreeMap, path::Path, time::Duration};
 
 use ctpf_common::{BootMode, PackageManifest};
 use ctpf_e2e::{
-    CtpfProcess, ctpf_cli,
+    CtpfProcess, UpAdmin,
     qemu::{Firmware, Media, Vm, discovery_agent, discovery_linux, raspi_trees},
     qemu_arm64::{
         AGENT_TARGET_ARM64, Arm64Vm, busybox_arm64, discovery_agent_for, discovery_linux_arm64,
@@ -37,20 +37,6 @@ use serde_json::Value;
 /// AAVMF ~3 s, GRUB, the kernel ~2.5 s to /init, DHCP and enrollment). TCG speed varies a lot
 /// between machine kinds and loads, hence the margin.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-struct Up {
-    process: CtpfProcess,
-    token: String,
-}
-
-impl Up {
-    fn cli(&self, args: &[&str]) -> Vec<u8> {
-        let env = [("CTPF_API", self.process.api()), ("CTPF_TOKEN", self.token.as_str())];
-        let out = ctpf_cli(args, &env).unwrap();
-        assert!(out.status.success(), "ctpf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
-    }
-}
 
 /// GET `path` from the API without a token, as a booting machine does.
 fn fetch(api: &str, path: &str) -> (u16, Vec<u8>) {
@@ -106,8 +92,7 @@ fn an_arm64_machine_boots_ctpf_media_to_the_discovery_callback() {
         "listening on",
     )
     .unwrap();
-    let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
-    let up = Up { process, token };
+    let up = UpAdmin::new(process, &data).unwrap();
     let api = up.process.api().to_owned();
 
     // Two discovery images, each served to its own architecture.
@@ -178,7 +163,7 @@ fn an_arm64_machine_boots_ctpf_media_to_the_discovery_callback() {
     // Both machines at once: one per core.
     let ways =
         [(Media::Cdrom, &iso, "52:54:00:a6:40:01"), (Media::UsbStick, &img, "52:54:00:a6:40:02")];
-    let mut vms: Vec<(Arm64Vm, &str, String)> = ways
+    let mut vms: Vec<(Vm, &str, String)> = ways
         .iter()
         .map(|(media, image, mac)| {
             let name = format!("{}-{media:?}", image.file_name().unwrap().to_string_lossy());

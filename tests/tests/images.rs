@@ -10,40 +10,15 @@ use std::{collections::BTreeMap, path::Path};
 
 use ctpf_common::{BootMode, PackageManifest, Sha256Digest};
 use ctpf_e2e::{
-    CtpfProcess, ctpf_cli,
+    CtpfProcess, UpAdmin,
     qemu::{discovery_agent, discovery_linux, raspi_trees},
 };
 use serde_json::Value;
 
-struct Up {
-    process: CtpfProcess,
-    token: String,
-}
-
-impl Up {
-    fn run(&self, args: &[&str]) -> std::process::Output {
-        let env = [("CTPF_API", self.process.api()), ("CTPF_TOKEN", self.token.as_str())];
-        ctpf_cli(args, &env).unwrap()
-    }
-
-    fn cli(&self, args: &[&str]) -> Vec<u8> {
-        let out = self.run(args);
-        assert!(out.status.success(), "ctpf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
-    }
-
-    /// Runs a command that must fail; returns its stderr.
-    fn refused(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(!out.status.success(), "ctpf {args:?} should fail");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    fn build(&self, definition: &Path, extra: &[&str]) -> BTreeMap<String, PackageManifest> {
-        let args =
-            [&["--json", "image", "build", definition.to_str().unwrap()][..], extra].concat();
-        serde_json::from_slice(&self.cli(&args)).unwrap()
-    }
+/// `ctpf --json image build DEFINITION EXTRA...`: each medium's manifest by name.
+fn build(up: &UpAdmin, definition: &Path, extra: &[&str]) -> BTreeMap<String, PackageManifest> {
+    let args = [&["--json", "image", "build", definition.to_str().unwrap()][..], extra].concat();
+    serde_json::from_slice(&up.cli(&args)).unwrap()
 }
 
 const DEFINITION: &str = r#"
@@ -79,8 +54,7 @@ fn an_image_definition_becomes_reproducible_media() {
         "listening on",
     )
     .unwrap();
-    let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
-    let up = Up { process, token };
+    let up = UpAdmin::new(process, &data).unwrap();
     up.cli(&["datacenter", "add", "home"]);
     let secret = String::from_utf8(up.cli(&[
         "media-keys",
@@ -110,7 +84,7 @@ fn an_image_definition_becomes_reproducible_media() {
     }
     let definition = dir.path().join("demo.toml");
     std::fs::write(&definition, DEFINITION).unwrap();
-    let media = up.build(&definition, &[]);
+    let media = build(&up, &definition, &[]);
     assert_eq!(
         media.keys().map(String::as_str).collect::<Vec<_>>(),
         ["demo.img", "demo.iso", "demo.tar"]
@@ -140,12 +114,12 @@ fn an_image_definition_becomes_reproducible_media() {
     assert!(bytes.windows(words.len()).any(|w| w == words.as_bytes()), "{words} not on the ISO");
 
     // Unchanged: answered from the cache. --no-cache: written again, the same bytes.
-    let again = up.build(&definition, &[]);
+    let again = build(&up, &definition, &[]);
     for (name, medium) in &again {
         assert!(medium.cached, "{name}");
         assert_eq!(medium.digest, media[name].digest, "{name}");
     }
-    let rewritten = up.build(&definition, &["--no-cache"]);
+    let rewritten = build(&up, &definition, &["--no-cache"]);
     for (name, medium) in &rewritten {
         assert!(!medium.cached, "{name}");
         assert_eq!(medium.digest, media[name].digest, "{name}: not reproducible");
@@ -211,7 +185,7 @@ fn an_image_definition_becomes_reproducible_media() {
         ),
     )
     .unwrap();
-    let media = up.build(&pi, &[]);
+    let media = build(&up, &pi, &[]);
     let image = &media["pi.img"];
     assert_eq!(image.boot_modes, [BootMode::RaspberryPi]);
     let files: Vec<&str> = image.contents.iter().map(|e| e.path.as_str()).collect();
@@ -230,7 +204,7 @@ fn an_image_definition_becomes_reproducible_media() {
         .unwrap();
     let cmdline = String::from_utf8_lossy(&cmdline.stdout);
     assert!(cmdline.contains(&format!("ctpf.token={secret}")), "{cmdline}");
-    assert!(up.build(&pi, &[])["pi.img"].cached);
+    assert!(build(&up, &pi, &[])["pi.img"].cached);
 
     // A stored input that went bad stops the packaging job, naming it.
     let initrd = iso.contents.iter().find(|e| e.path == "boot/initrd.img").unwrap();

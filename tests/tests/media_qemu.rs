@@ -19,27 +19,13 @@
 use std::time::Duration;
 
 use ctpf_e2e::{
-    CtpfProcess, ctpf_cli,
+    CtpfProcess, UpAdmin,
     qemu::{Firmware, Media, Vm, discovery_agent, discovery_linux},
 };
 use serde_json::Value;
 
 /// Power-on to callback is 13-22 s here when the machine is idle; CI runs two VMs at once.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-
-struct Up {
-    process: CtpfProcess,
-    token: String,
-}
-
-impl Up {
-    fn cli(&self, args: &[&str]) -> Vec<u8> {
-        let env = [("CTPF_API", self.process.api()), ("CTPF_TOKEN", self.token.as_str())];
-        let out = ctpf_cli(args, &env).unwrap();
-        assert!(out.status.success(), "ctpf {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        out.stdout
-    }
-}
 
 #[test]
 fn the_hybrid_iso_and_the_gpt_stick_boot_to_the_discovery_callback() {
@@ -63,8 +49,7 @@ fn the_hybrid_iso_and_the_gpt_stick_boot_to_the_discovery_callback() {
         "listening on",
     )
     .unwrap();
-    let token = std::fs::read_to_string(data.join("admin.token")).unwrap().trim().to_owned();
-    let up = Up { process, token };
+    let up = UpAdmin::new(process, &data).unwrap();
     up.cli(&["datacenter", "add", "home"]);
     // One reusable media key for every machine; each must still enroll as its own host.
     let secret = String::from_utf8(up.cli(&[
