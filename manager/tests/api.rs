@@ -770,3 +770,30 @@ async fn media_keys_round_trip_and_enroll_until_revoked() {
     assert!(enrolled.iter().all(|e| e["media_key"] == "usb"), "{enrolled:?}");
     assert!(!events.to_string().contains(&secret));
 }
+
+#[tokio::test]
+async fn packaging_requests_name_missing_and_unknown_inputs() {
+    let api = api().await;
+    let (_, stored) = api.upload("vmlinuz", "?kind=kernel", b"kernel bytes").await;
+    let kernel = json!({"digest": stored["digest"], "size": 12});
+    let absent = json!({"digest": format!("sha256:{}", "ab".repeat(32)), "size": 5});
+    let package = |inputs: Value| json!({"request": {"format": "usb", "label": "CTPF", "inputs": inputs}, "name": "x.img"});
+    // An input that is not stored (or not at that size) is named; nothing is queued.
+    let missing = package(json!({"kernel": kernel, "initrd": absent, "efi_x86_64": kernel}));
+    let got = api.call(Method::POST, "/v1/packages", Some(missing)).await;
+    assert!(got.1["error"]["message"].as_str().unwrap().contains("initrd"), "{}", got.1);
+    assert_invalid(got, "request.inputs");
+    let resized = json!({"digest": stored["digest"], "size": 13});
+    let wrong_size = package(json!({"kernel": resized, "initrd": kernel, "efi_x86_64": kernel}));
+    assert_invalid(
+        api.call(Method::POST, "/v1/packages", Some(wrong_size)).await,
+        "request.inputs",
+    );
+    // A role the format does not take is named with the valid ones.
+    let unknown = package(json!({"kernel": kernel, "initrd": kernel, "isolinux_bin": kernel}));
+    let got = api.call(Method::POST, "/v1/packages", Some(unknown)).await;
+    let message = got.1["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("isolinux_bin") && message.contains("valid inputs"), "{message}");
+    assert_invalid(got, "request");
+    assert_eq!(count(&api.call(Method::GET, "/v1/packages", None).await.1), 0);
+}
