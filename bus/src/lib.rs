@@ -15,7 +15,7 @@
 use std::{fmt::Debug, time::Duration};
 
 use async_trait::async_trait;
-use ctpf_common::{JobSpec, NewEvent, TagSelector, Uuid, WorkerIdentity};
+use ctpf_common::{JobSpec, Name, NewEvent, TagSelector, Uuid, WorkerHeartbeat, WorkerIdentity};
 use serde::{Deserialize, Serialize};
 
 mod memory;
@@ -64,6 +64,36 @@ pub struct QueuedJob {
 pub struct ReportDelivery {
     pub event: NewEvent,
     pub receipt: String,
+    /// The datacenter whose credentials sent it, when a site worker did: such a report may
+    /// only concern that datacenter. `None`: sent by a trusted process (the manager's own
+    /// worker, or a worker using the manager's Redis user).
+    pub datacenter: Option<Name>,
+}
+
+/// A datacenter's desired state as the bus carries it: the generation, and the encoded
+/// snapshot, which the bus does not look into (workers validate it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedSnapshot {
+    pub generation: u64,
+    pub body: Vec<u8>,
+}
+
+/// A worker's last heartbeat, with when the bus received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenWorker {
+    pub heartbeat: WorkerHeartbeat,
+    /// Unix milliseconds on the bus's clock (Redis's `TIME`), so skewed worker clocks do not
+    /// make a live worker look lost.
+    pub seen_at_ms: u64,
+}
+
+/// A worker credential: which datacenter it may read and act for, and the SHA-256 of its
+/// secret (the plaintext is only ever in the worker's hands).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerGrant {
+    pub credential_id: String,
+    pub datacenter: Name,
+    pub secret_sha256: [u8; 32],
 }
 
 #[derive(Debug, Clone)]
@@ -83,11 +113,23 @@ impl Default for BusConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(redis::RedisError),
     #[error("malformed bus message {id}: {reason}")]
     Malformed { id: String, reason: String },
     #[error("unknown or expired delivery receipt {0}")]
     UnknownReceipt(String),
+    /// The credentials in use do not allow this (a site worker reaching outside its
+    /// datacenter, or a revoked credential).
+    #[error("not allowed with these credentials: {0}")]
+    Denied(String),
+}
+
+impl From<redis::RedisError> for BusError {
+    fn from(error: redis::RedisError) -> Self {
+        let refused = matches!(error.code(), Some("NOPERM" | "WRONGPASS"))
+            || error.kind() == redis::ErrorKind::AuthenticationFailed;
+        if refused { BusError::Denied(error.to_string()) } else { BusError::Redis(error) }
+    }
 }
 
 /// How long a cancel request is remembered: far longer than any job stays on the bus.
@@ -106,12 +148,7 @@ pub(crate) fn instant_after(
 /// The report that tells the manager a job was given up on, so its record stops showing it
 /// as queued or running.
 pub(crate) fn dead_letter_report(job: &JobEnvelope, reason: &str) -> NewEvent {
-    let datacenter = job
-        .selector
-        .tags()
-        .iter()
-        .find(|t| t.key() == "datacenter")
-        .and_then(|t| t.value().parse().ok());
+    let datacenter = job.selector.datacenter();
     NewEvent::new(
         datacenter,
         ctpf_common::EventBody::JobDeadLettered { job_id: job.job_id, reason: reason.to_owned() },
@@ -174,6 +211,40 @@ pub trait Bus: Send + Sync + Debug {
 
     /// Marks reports as applied.
     async fn ack_reports(&self, receipts: &[String]) -> Result<(), BusError>;
+
+    /// Worker side: announces the worker (again) and marks it seen now.
+    async fn heartbeat(&self, heartbeat: &WorkerHeartbeat) -> Result<(), BusError>;
+
+    /// Manager side: the last heartbeat of every worker that announced itself, of every
+    /// datacenter, in no particular order.
+    async fn workers(&self) -> Result<Vec<SeenWorker>, BusError>;
+
+    /// Forgets the heartbeats of `datacenter`'s workers (the datacenter was deleted).
+    async fn forget_workers(&self, datacenter: &Name) -> Result<(), BusError>;
+
+    /// Manager side: makes `snapshot` the one `datacenter`'s workers get, unless the bus
+    /// already holds that generation or a newer one (then nothing changes and the answer is
+    /// `false`), so generations seen by workers only ever grow.
+    async fn publish_snapshot(
+        &self,
+        datacenter: &Name,
+        snapshot: &PublishedSnapshot,
+    ) -> Result<bool, BusError>;
+
+    /// Worker side: `datacenter`'s current snapshot if its generation is above `after`;
+    /// otherwise waits up to `wait` for one to be published.
+    async fn snapshot_after(
+        &self,
+        datacenter: &Name,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Option<PublishedSnapshot>, BusError>;
+
+    /// Manager side: the complete set of site worker credentials. Each may read its own
+    /// datacenter's jobs and snapshot and send reports as that datacenter, nothing of other
+    /// datacenters; credentials not in `grants` stop working. Redis enforces this with one
+    /// ACL user per credential; the in-process bus has no remote workers to restrict.
+    async fn authorize_workers(&self, grants: &[WorkerGrant]) -> Result<(), BusError>;
 
     /// Whether queued jobs survive a restart of this process (Redis: yes; memory: no, so the
     /// manager re-enqueues unfinished jobs from the state store at start-up).

@@ -10,12 +10,13 @@ use std::{
 };
 
 use async_trait::async_trait;
-use ctpf_common::{NewEvent, Uuid, WorkerIdentity};
+use ctpf_common::{Name, NewEvent, Uuid, WorkerHeartbeat, WorkerIdentity};
 use tokio::{sync::Notify, time::Instant};
 
 use crate::{
-    Bus, BusConfig, BusError, CANCEL_REQUEST_TTL, DeadLetter, Delivery, JobEnvelope, QueuedJob,
-    ReportDelivery, dead_letter_reason, dead_letter_report, instant_after,
+    Bus, BusConfig, BusError, CANCEL_REQUEST_TTL, DeadLetter, Delivery, JobEnvelope,
+    PublishedSnapshot, QueuedJob, ReportDelivery, SeenWorker, WorkerGrant, dead_letter_reason,
+    dead_letter_report, instant_after,
 };
 
 const JOB_RECEIPT_PREFIX: &str = "mem-job";
@@ -35,6 +36,7 @@ struct Inner {
     /// for with a timer instead.
     jobs_changed: Notify,
     reports_added: Notify,
+    snapshot_published: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -47,6 +49,9 @@ struct State {
     reports: BTreeMap<u64, ReportSlot>,
     /// Cancel requests by job, with when they are forgotten.
     cancels: HashMap<Uuid, Instant>,
+    /// Heartbeats by (datacenter, worker id).
+    workers: BTreeMap<(Name, String), SeenWorker>,
+    snapshots: HashMap<Name, PublishedSnapshot>,
 }
 
 #[derive(Debug)]
@@ -79,6 +84,7 @@ impl MemoryBus {
                 state: Mutex::new(State::default()),
                 jobs_changed: Notify::new(),
                 reports_added: Notify::new(),
+                snapshot_published: Notify::new(),
             }),
         }
     }
@@ -199,7 +205,11 @@ impl MemoryBus {
             .iter()
             .filter(|(_, slot)| slot.reader.as_deref() == Some(consumer))
             .take(max)
-            .map(|(&id, slot)| ReportDelivery { event: slot.event.clone(), receipt: receipt(id) })
+            .map(|(&id, slot)| ReportDelivery {
+                event: slot.event.clone(),
+                receipt: receipt(id),
+                datacenter: None,
+            })
             .collect();
         if !pending.is_empty() {
             return pending;
@@ -211,7 +221,7 @@ impl MemoryBus {
             .take(max)
             .map(|(&id, slot)| {
                 slot.reader = Some(consumer.to_owned());
-                ReportDelivery { event: slot.event.clone(), receipt: receipt(id) }
+                ReportDelivery { event: slot.event.clone(), receipt: receipt(id), datacenter: None }
             })
             .collect()
     }
@@ -387,7 +397,73 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    async fn heartbeat(&self, heartbeat: &WorkerHeartbeat) -> Result<(), BusError> {
+        let key = (heartbeat.identity.datacenter.clone(), heartbeat.identity.id.clone());
+        let seen = SeenWorker { heartbeat: heartbeat.clone(), seen_at_ms: unix_ms() };
+        self.state().workers.insert(key, seen);
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<SeenWorker>, BusError> {
+        Ok(self.state().workers.values().cloned().collect())
+    }
+
+    async fn forget_workers(&self, datacenter: &Name) -> Result<(), BusError> {
+        self.state().workers.retain(|(dc, _), _| dc != datacenter);
+        Ok(())
+    }
+
+    async fn publish_snapshot(
+        &self,
+        datacenter: &Name,
+        snapshot: &PublishedSnapshot,
+    ) -> Result<bool, BusError> {
+        {
+            let mut state = self.state();
+            let current = state.snapshots.get(datacenter).map_or(0, |s| s.generation);
+            if snapshot.generation <= current {
+                return Ok(false);
+            }
+            state.snapshots.insert(datacenter.clone(), snapshot.clone());
+        }
+        self.inner.snapshot_published.notify_waiters();
+        Ok(true)
+    }
+
+    async fn snapshot_after(
+        &self,
+        datacenter: &Name,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Option<PublishedSnapshot>, BusError> {
+        let deadline = instant_after(Instant::now(), wait);
+        loop {
+            let mut published = pin!(self.inner.snapshot_published.notified());
+            published.as_mut().enable();
+            let newer =
+                self.state().snapshots.get(datacenter).filter(|s| s.generation > after).cloned();
+            if newer.is_some() || Instant::now() >= deadline {
+                return Ok(newer);
+            }
+            tokio::select! {
+                () = published => {}
+                () = tokio::time::sleep_until(deadline) => {}
+            }
+        }
+    }
+
+    async fn authorize_workers(&self, _grants: &[WorkerGrant]) -> Result<(), BusError> {
+        // Only this process can reach an in-process bus: there is nobody to restrict.
+        Ok(())
+    }
+
     fn is_durable(&self) -> bool {
         false
     }
+}
+
+fn unix_ms() -> u64 {
+    let since_epoch =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    u64::try_from(since_epoch.as_millis()).unwrap_or(u64::MAX)
 }

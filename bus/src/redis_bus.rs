@@ -1,27 +1,35 @@
 //! The bus over Redis Streams, for distributed sites.
 //!
-//! Layout (every key carries the hash tag `{NS}` so a cluster keeps them in one slot):
-//! - `{NS}:jobs:SELECTOR`: one stream per canonical selector text (`*` for the empty one), with
-//!   the consumer group `workers`; each entry has a field `job` (JSON of [`JobEnvelope`]). A
-//!   worker's consumer name is its `WorkerIdentity::id`; a delivered entry stays in the group's
-//!   pending list (the lease) until acknowledged, and the pending list's idle time and delivery
-//!   counter are the lease clock and the attempt number.
-//! - `{NS}:selectors`: the set of selectors that have a job stream.
-//! - `{NS}:dead`: dead-lettered jobs (fields `job`, `reason`, `deliveries`).
-//! - `{NS}:reports`: worker reports, consumer group `manager`, field `event` (JSON of
-//!   [`NewEvent`]).
+//! Layout (every key carries the hash tag `{NS}` so a cluster keeps them in one slot). A
+//! *scope* is either shared (`{NS}`) or one datacenter's (`{NS}:dc:NAME`): jobs whose selector
+//! names a datacenter, and everything a site worker sends, live in that datacenter's scope, so
+//! a Redis ACL user per worker credential can be confined to it (see [`worker_acl_rules`]).
+//! - `SCOPE:jobs:SELECTOR`: one stream per canonical selector text (`*` for the empty one),
+//!   with the consumer group `workers`; each entry has a field `job` (JSON of [`JobEnvelope`]).
+//!   A worker's consumer name is its `WorkerIdentity::id`; a delivered entry stays in the
+//!   group's pending list (the lease) until acknowledged, and the pending list's idle time and
+//!   delivery counter are the lease clock and the attempt number.
+//! - `SCOPE:selectors`: the set of selectors that have a job stream in the scope.
+//! - `SCOPE:dead`: dead-lettered jobs (fields `job`, `reason`, `deliveries`).
+//! - `SCOPE:reports`: worker reports, consumer group `manager`, field `event` (JSON of
+//!   [`NewEvent`]). A site worker can only write its datacenter's, so the manager knows which
+//!   datacenter a report speaks for.
+//! - `{NS}:datacenters`: the datacenters that have a scope.
+//! - `{NS}:dc:NAME:workers` and `…:workers-seen`: each worker's last heartbeat (JSON of
+//!   [`WorkerHeartbeat`]) and when Redis received it (unix ms, Redis's clock).
+//! - `{NS}:dc:NAME:snapshot`: a stream of at most one entry, the datacenter's current snapshot,
+//!   with the entry id `GENERATION-1`; Redis refuses ids that do not grow, so a generation
+//!   never goes back, and workers wait for the next one with a blocking `XREAD`.
+//! - `{NS}:cancel:JOB`: cancel requests.
 
 use std::{
     collections::{HashMap, HashSet},
-    sync::{
-        Mutex, MutexGuard, PoisonError,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::{Mutex, MutexGuard, PoisonError},
     time::Duration,
 };
 
 use async_trait::async_trait;
-use ctpf_common::{NewEvent, TagSelector, Uuid, WorkerIdentity};
+use ctpf_common::{Name, NewEvent, TagSelector, Uuid, WorkerHeartbeat, WorkerIdentity};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, RedisError, Script, Value,
     aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection},
@@ -30,8 +38,9 @@ use redis::{
 use tokio::time::Instant;
 
 use crate::{
-    Bus, BusConfig, BusError, CANCEL_REQUEST_TTL, DeadLetter, Delivery, JobEnvelope, QueuedJob,
-    ReportDelivery, dead_letter_reason, dead_letter_report, instant_after,
+    Bus, BusConfig, BusError, CANCEL_REQUEST_TTL, DeadLetter, Delivery, JobEnvelope,
+    PublishedSnapshot, QueuedJob, ReportDelivery, SeenWorker, WorkerGrant, dead_letter_reason,
+    dead_letter_report, instant_after,
 };
 
 const DEFAULT_NAMESPACE: &str = "ctpf";
@@ -39,6 +48,8 @@ const JOB_GROUP: &str = "workers";
 const REPORT_GROUP: &str = "manager";
 const JOB_FIELD: &str = "job";
 const EVENT_FIELD: &str = "event";
+const GENERATION_FIELD: &str = "generation";
+const BODY_FIELD: &str = "body";
 /// Selector-set member and stream-key suffix of the empty selector (an empty member would be
 /// invisible in `SMEMBERS` output).
 const ANY_SELECTOR: &str = "*";
@@ -55,6 +66,17 @@ const REPORTS_MAX_LEN: u64 = 1_000_000;
 /// be dead-lettered, malformed or taken by a faster worker).
 const MAX_RECLAIMS_PER_PASS: usize = 32;
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stores a worker's heartbeat and the time Redis received it.
+///
+/// KEYS[1] heartbeats hash, KEYS[2] seen-at hash; ARGV: worker id, heartbeat JSON.
+const HEARTBEAT_SCRIPT: &str = r"
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('HSET', KEYS[2], ARGV[1], ms)
+return ms
+";
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Acknowledges, extends or gives back a job, but only while the delivery named by the
@@ -91,17 +113,31 @@ return 1
 pub struct RedisBus {
     config: BusConfig,
     keys: Keys,
+    /// The datacenter this connection's credentials speak for (a site worker's), or `None`
+    /// for the manager's own user.
+    scope: Option<Name>,
     client: Client,
     /// Shared by every non-blocking command; reconnects by itself after Redis restarts.
     conn: ConnectionManager,
     /// Connections for blocking reads, one read at a time each, so a blocked `XREADGROUP`
     /// never holds up the commands on `conn`.
     blocking_pool: Mutex<Vec<MultiplexedConnection>>,
-    selector_cache: Mutex<Option<CachedSelectors>>,
+    /// Per scope (`None`: shared), the selectors read last.
+    selector_cache: Mutex<HashMap<Option<String>, CachedSelectors>>,
     /// Job streams this process already created the consumer group for.
     streams_with_group: Mutex<HashSet<String>>,
-    report_group_ready: AtomicBool,
+    /// Report streams with the manager's group, as of the last read.
+    report_streams: Mutex<Option<CachedReportStreams>>,
     receipt_script: Script,
+    heartbeat_script: Script,
+    /// ACL rules this process last applied, per user, so unchanged users are not rewritten.
+    applied_acl: Mutex<HashMap<String, String>>,
+}
+
+#[derive(Clone)]
+struct CachedReportStreams {
+    read_at: Instant,
+    streams: Vec<String>,
 }
 
 #[derive(Clone)]
@@ -115,6 +151,7 @@ impl std::fmt::Debug for RedisBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisBus")
             .field("namespace", &self.keys.tag)
+            .field("scope", &self.scope)
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -124,32 +161,149 @@ impl std::fmt::Debug for RedisBus {
 struct Keys {
     /// `{NS}`
     tag: String,
+    /// `NS`, for ACL user names.
+    namespace: String,
 }
 
 impl Keys {
-    fn selectors(&self) -> String {
-        format!("{}:selectors", self.tag)
+    /// `{NS}` for the shared scope, `{NS}:dc:NAME` for a datacenter's.
+    fn scope(&self, datacenter: Option<&str>) -> String {
+        match datacenter {
+            None => self.tag.clone(),
+            Some(dc) => format!("{}:dc:{dc}", self.tag),
+        }
     }
 
-    fn dead(&self) -> String {
-        format!("{}:dead", self.tag)
+    /// The datacenter scope a key lives in, if any.
+    fn datacenter_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(self.tag.as_str())?.strip_prefix(":dc:")?;
+        rest.split_once(':').map(|(dc, _)| dc)
     }
 
-    fn reports(&self) -> String {
-        format!("{}:reports", self.tag)
+    fn datacenters(&self) -> String {
+        format!("{}:datacenters", self.tag)
+    }
+
+    fn selectors(&self, datacenter: Option<&str>) -> String {
+        format!("{}:selectors", self.scope(datacenter))
+    }
+
+    fn dead(&self, datacenter: Option<&str>) -> String {
+        format!("{}:dead", self.scope(datacenter))
+    }
+
+    fn reports(&self, datacenter: Option<&str>) -> String {
+        format!("{}:reports", self.scope(datacenter))
+    }
+
+    fn workers(&self, datacenter: &str) -> String {
+        format!("{}:workers", self.scope(Some(datacenter)))
+    }
+
+    fn workers_seen(&self, datacenter: &str) -> String {
+        format!("{}:workers-seen", self.scope(Some(datacenter)))
+    }
+
+    fn snapshot(&self, datacenter: &str) -> String {
+        format!("{}:snapshot", self.scope(Some(datacenter)))
     }
 
     fn cancel(&self, job_id: Uuid) -> String {
         format!("{}:cancel:{job_id}", self.tag)
     }
 
-    fn jobs_prefix(&self) -> String {
-        format!("{}:jobs:", self.tag)
+    fn job_stream(&self, datacenter: Option<&str>, selector_member: &str) -> String {
+        format!("{}:jobs:{selector_member}", self.scope(datacenter))
     }
 
-    fn job_stream(&self, selector_member: &str) -> String {
-        format!("{}{selector_member}", self.jobs_prefix())
+    fn is_job_stream(&self, key: &str) -> bool {
+        key.starts_with(self.tag.as_str()) && key.contains(":jobs:")
     }
+
+    fn is_report_stream(&self, key: &str) -> bool {
+        key == self.reports(None)
+            || self.datacenter_of(key).is_some_and(|dc| key == self.reports(Some(dc)))
+    }
+}
+
+/// The ACL user name of worker credential `credential_id` in `namespace`.
+pub fn worker_acl_user(namespace: &str, credential_id: &str) -> String {
+    format!("ctpf-worker.{namespace}.{credential_id}")
+}
+
+/// A Redis glob pattern matching `literal` exactly.
+fn glob_literal(literal: &str) -> String {
+    let mut out = String::with_capacity(literal.len());
+    for c in literal.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The commands a site worker uses, and nothing else (no KEYS, SCAN, CONFIG, FLUSH*, ACL…).
+const WORKER_COMMANDS: &[&str] = &[
+    "ping",
+    "echo",
+    "hello",
+    "auth",
+    "select",
+    "client|setname",
+    "client|id",
+    "client|getname",
+    "time",
+    "multi",
+    "exec",
+    "discard",
+    "eval",
+    "evalsha",
+    "script|load",
+    "xreadgroup",
+    "xread",
+    "xack",
+    "xclaim",
+    "xpending",
+    "xadd",
+    "xdel",
+    "xrange",
+    "xrevrange",
+    "xgroup|create",
+    "smembers",
+    "exists",
+    "get",
+    "hset",
+    "hgetall",
+];
+
+/// The ACL rules (after `reset on #SECRET_SHA256`) for a worker of `datacenter`: its
+/// datacenter's job streams and reports (read-write), its selectors and snapshot
+/// (read-only), its heartbeat hashes; of the shared scope, the job streams (jobs that name no
+/// datacenter are anyone's), the selector set and cancel requests (read-only) and the dead
+/// letters (write-only). No pub/sub channels.
+pub fn worker_acl_rules(namespace: &str, datacenter: &Name) -> Vec<String> {
+    let keys = Keys { tag: format!("{{{namespace}}}"), namespace: namespace.to_owned() };
+    let dc = Some(datacenter.as_str());
+    let pattern = |access: &str, key: String| format!("{access}~{}", glob_literal(&key));
+    let wildcard = |access: &str, prefix: String| format!("{access}~{}*", glob_literal(&prefix));
+    let mut rules = vec![
+        wildcard("", keys.job_stream(dc, "")),
+        wildcard("", keys.job_stream(None, "")),
+        pattern("", keys.reports(dc)),
+        pattern("", keys.dead(dc)),
+        pattern("%W", keys.dead(None)),
+        pattern("", keys.workers(datacenter.as_str())),
+        pattern("", keys.workers_seen(datacenter.as_str())),
+        pattern("%R", keys.selectors(dc)),
+        pattern("%R", keys.selectors(None)),
+        pattern("%R", keys.snapshot(datacenter.as_str())),
+        wildcard("%R", format!("{}:cancel:", keys.tag)),
+        "resetchannels".to_owned(),
+        "-@all".to_owned(),
+    ];
+    rules.extend(WORKER_COMMANDS.iter().map(|c| format!("+{c}")));
+    rules
 }
 
 fn selector_member(selector: &TagSelector) -> String {
@@ -180,8 +334,12 @@ impl<'a> JobReceipt<'a> {
         let entry_id = parts.next()?;
         let attempt = parts.next()?.parse().ok()?;
         let worker = parts.next()?;
-        (stream.starts_with(&keys.jobs_prefix()) && parse_entry_id(entry_id).is_some())
-            .then_some(Self { stream, entry_id, attempt, worker })
+        (keys.is_job_stream(stream) && parse_entry_id(entry_id).is_some()).then_some(Self {
+            stream,
+            entry_id,
+            attempt,
+            worker,
+        })
     }
 }
 
@@ -229,32 +387,94 @@ impl RedisBus {
         namespace: &str,
         config: BusConfig,
     ) -> Result<Self, BusError> {
-        if namespace.is_empty() || namespace.contains(['{', '}', '\n']) {
+        Self::open(url, namespace, None, config).await
+    }
+
+    /// Connects as a site worker of `datacenter` with the credential `credential_id` and its
+    /// `secret` (issued by the manager, see [`Bus::authorize_workers`]): Redis then lets this
+    /// connection see only that datacenter's part of the bus.
+    pub async fn connect_as_worker(
+        url: &str,
+        namespace: &str,
+        datacenter: &Name,
+        credential_id: &str,
+        secret: &str,
+        config: BusConfig,
+    ) -> Result<Self, BusError> {
+        let user = worker_acl_user(namespace, credential_id);
+        let denied = |reason: &dyn std::fmt::Display| {
+            BusError::Denied(format!(
+                "the worker credential {credential_id} is not valid for datacenter {datacenter} \
+                 (wrong secret, revoked, or issued for another datacenter): {reason}"
+            ))
+        };
+        let bus = match Self::open(url, namespace, Some((datacenter, &user, secret)), config).await
+        {
+            Ok(bus) => bus,
+            Err(BusError::Denied(reason)) => return Err(denied(&reason)),
+            Err(e) => return Err(e),
+        };
+        // Fail now, with a clear message, rather than on the first job: a credential of
+        // another datacenter authenticates but may not read this one's keys.
+        let probe: Result<bool, RedisError> = redis::cmd("EXISTS")
+            .arg(bus.keys.snapshot(datacenter.as_str()))
+            .query_async(&mut bus.conn())
+            .await;
+        match probe.map_err(BusError::from) {
+            Ok(_) => Ok(bus),
+            Err(BusError::Denied(reason)) => Err(denied(&reason)),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn open(
+        url: &str,
+        namespace: &str,
+        worker: Option<(&Name, &str, &str)>,
+        config: BusConfig,
+    ) -> Result<Self, BusError> {
+        if namespace.is_empty()
+            || namespace.contains(['{', '}'])
+            || namespace.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
             return Err(BusError::Malformed {
                 id: namespace.to_owned(),
-                reason: "a bus namespace must be non-empty, without braces or newlines".into(),
+                reason: "a bus namespace must be non-empty, without braces or white space".into(),
             });
         }
-        let client = Client::open(url)?;
+        let mut info = redis::IntoConnectionInfo::into_connection_info(url)?;
+        if let Some((_, user, secret)) = worker {
+            let settings = info.redis_settings().clone().set_username(user).set_password(secret);
+            info = info.set_redis_settings(settings);
+        }
+        let client = Client::open(info)?;
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_connection_timeout(Some(CONNECT_TIMEOUT));
         let conn = ConnectionManager::new_with_config(client.clone(), manager_config).await?;
         Ok(Self {
             config,
-            keys: Keys { tag: format!("{{{namespace}}}") },
+            keys: Keys { tag: format!("{{{namespace}}}"), namespace: namespace.to_owned() },
+            scope: worker.map(|(datacenter, _, _)| datacenter.clone()),
             client,
             conn,
             blocking_pool: Mutex::new(Vec::new()),
-            selector_cache: Mutex::new(None),
+            selector_cache: Mutex::new(HashMap::new()),
             streams_with_group: Mutex::new(HashSet::new()),
-            report_group_ready: AtomicBool::new(false),
+            report_streams: Mutex::new(None),
             receipt_script: Script::new(RECEIPT_SCRIPT),
+            heartbeat_script: Script::new(HEARTBEAT_SCRIPT),
+            applied_acl: Mutex::new(HashMap::new()),
         })
     }
 
     fn conn(&self) -> ConnectionManager {
         self.conn.clone()
+    }
+
+    /// The datacenter this connection speaks for, as a key part.
+    fn scope_str(&self) -> Option<&str> {
+        self.scope.as_ref().map(Name::as_str)
     }
 
     fn lease_ms(&self) -> u64 {
@@ -300,34 +520,48 @@ impl RedisBus {
         result
     }
 
-    /// The job streams whose selector `worker` accepts.
+    /// The job streams whose selector `worker` accepts: shared ones and those of its
+    /// datacenter.
     async fn matching_streams(&self, worker: &WorkerIdentity) -> Result<Vec<String>, BusError> {
-        let cached = lock(&self.selector_cache)
-            .clone()
-            .filter(|cache| cache.read_at.elapsed() < SELECTOR_CACHE_TTL);
-        let streams = match cached {
-            Some(cache) => cache.streams,
-            None => {
-                let streams = self.read_selectors().await?;
-                *lock(&self.selector_cache) =
-                    Some(CachedSelectors { read_at: Instant::now(), streams: streams.clone() });
-                streams
-            }
-        };
-        Ok(streams
-            .into_iter()
-            .filter(|(_, selector)| worker.accepts(selector))
-            .map(|(stream, _)| stream)
-            .collect())
+        let mut streams = Vec::new();
+        for scope in [None, Some(worker.datacenter.as_str().to_owned())] {
+            let cached = lock(&self.selector_cache)
+                .get(&scope)
+                .filter(|cache| cache.read_at.elapsed() < SELECTOR_CACHE_TTL)
+                .cloned();
+            let scoped = match cached {
+                Some(cache) => cache.streams,
+                None => {
+                    let scoped = self.read_selectors(scope.as_deref()).await?;
+                    let cache =
+                        CachedSelectors { read_at: Instant::now(), streams: scoped.clone() };
+                    lock(&self.selector_cache).insert(scope, cache);
+                    scoped
+                }
+            };
+            streams.extend(
+                scoped
+                    .into_iter()
+                    .filter(|(_, selector)| worker.accepts(selector))
+                    .map(|(stream, _)| stream),
+            );
+        }
+        Ok(streams)
     }
 
-    async fn read_selectors(&self) -> Result<Vec<(String, TagSelector)>, BusError> {
-        let members: Vec<String> =
-            redis::cmd("SMEMBERS").arg(self.keys.selectors()).query_async(&mut self.conn()).await?;
+    /// The job streams of one scope with their selectors, sorted by stream key.
+    async fn read_selectors(
+        &self,
+        datacenter: Option<&str>,
+    ) -> Result<Vec<(String, TagSelector)>, BusError> {
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.selectors(datacenter))
+            .query_async(&mut self.conn())
+            .await?;
         let mut streams: Vec<(String, TagSelector)> = members
             .into_iter()
             .filter_map(|member| match parse_selector_member(&member) {
-                Ok(selector) => Some((self.keys.job_stream(&member), selector)),
+                Ok(selector) => Some((self.keys.job_stream(datacenter, &member), selector)),
                 Err(e) => {
                     tracing::warn!(%member, error = %e, "skipping malformed selector in the bus");
                     None
@@ -336,6 +570,24 @@ impl RedisBus {
             .collect();
         streams.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(streams)
+    }
+
+    /// Every datacenter with a scope on the bus.
+    async fn datacenters(&self) -> Result<Vec<String>, BusError> {
+        let mut names: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.datacenters())
+            .query_async(&mut self.conn())
+            .await?;
+        names.retain(|name| Name::parse("datacenter", name).is_ok());
+        names.sort();
+        Ok(names)
+    }
+
+    /// The shared scope and every datacenter's.
+    async fn all_scopes(&self) -> Result<Vec<Option<String>>, BusError> {
+        let mut scopes = vec![None];
+        scopes.extend(self.datacenters().await?.into_iter().map(Some));
+        Ok(scopes)
     }
 
     /// Takes over the oldest entry of `stream` whose lease ran out, dead-lettering it instead
@@ -534,7 +786,7 @@ impl RedisBus {
                 BusError::Malformed { id: entry_id.to_owned(), reason: e.to_string() }
             })?;
             pipe.cmd("XADD")
-                .arg(self.keys.reports())
+                .arg(self.keys.reports(self.scope_str()))
                 .arg("MAXLEN")
                 .arg("~")
                 .arg(REPORTS_MAX_LEN)
@@ -544,7 +796,7 @@ impl RedisBus {
                 .ignore();
         }
         pipe.cmd("XADD")
-            .arg(self.keys.dead())
+            .arg(self.keys.dead(self.keys.datacenter_of(stream)))
             .arg("*")
             .arg(JOB_FIELD)
             .arg(raw_job.map_or(&[][..], Vec::as_slice))
@@ -627,15 +879,27 @@ impl RedisBus {
         if applied == 1 { Ok(()) } else { Err(unknown()) }
     }
 
-    async fn ensure_report_group(&self) -> Result<(), BusError> {
-        if !self.report_group_ready.load(Ordering::Relaxed) {
-            self.create_group(&self.keys.reports(), REPORT_GROUP).await?;
-            self.report_group_ready.store(true, Ordering::Relaxed);
+    /// The report streams the manager reads (shared, then each datacenter's), each with the
+    /// manager's consumer group.
+    async fn report_streams(&self) -> Result<Vec<String>, BusError> {
+        let cached = lock(&self.report_streams)
+            .clone()
+            .filter(|cache| cache.read_at.elapsed() < SELECTOR_CACHE_TTL);
+        if let Some(cache) = cached {
+            return Ok(cache.streams);
         }
-        Ok(())
+        let mut streams = Vec::new();
+        for scope in self.all_scopes().await? {
+            let stream = self.keys.reports(scope.as_deref());
+            self.create_group(&stream, REPORT_GROUP).await?;
+            streams.push(stream);
+        }
+        *lock(&self.report_streams) =
+            Some(CachedReportStreams { read_at: Instant::now(), streams: streams.clone() });
+        Ok(streams)
     }
 
-    /// One `XREADGROUP` on the report stream: `from` is `0` for this consumer's pending
+    /// One `XREADGROUP` over the report streams: `from` is `0` for this consumer's pending
     /// reports, `>` for new ones.
     async fn read_reports(
         &self,
@@ -644,13 +908,13 @@ impl RedisBus {
         from: &str,
         block: Option<Duration>,
     ) -> Result<Vec<ReportDelivery>, BusError> {
-        let stream = self.keys.reports();
+        let streams = self.report_streams().await?;
         let mut cmd = redis::cmd("XREADGROUP");
         cmd.arg("GROUP").arg(REPORT_GROUP).arg(consumer).arg("COUNT").arg(max);
         if let Some(block) = block {
             cmd.arg("BLOCK").arg(millis(block).max(1));
         }
-        cmd.arg("STREAMS").arg(&stream).arg(from);
+        cmd.arg("STREAMS").arg(&streams).arg(vec![from; streams.len()]);
         let read = match block {
             Some(_) => self.query_blocking(&cmd).await,
             None => cmd.query_async(&mut self.conn()).await,
@@ -658,16 +922,17 @@ impl RedisBus {
         let reply = match read {
             Ok(reply) => reply,
             Err(e) if is_no_group(&e) => {
-                // The group vanished with the data (a Redis restarted without persistence).
-                self.report_group_ready.store(false, Ordering::Relaxed);
-                self.ensure_report_group().await?;
+                // A group vanished with the data (a Redis restarted without persistence).
+                *lock(&self.report_streams) = None;
                 return Ok(Vec::new());
             }
             Err(e) => return Err(e.into()),
         };
         let mut reports = Vec::new();
-        for (_, entries) in parse_read_reply(reply)? {
+        for (stream, entries) in parse_read_reply(reply)? {
+            let datacenter = self.keys.datacenter_of(&stream).and_then(|dc| dc.parse().ok());
             for entry in entries {
+                let receipt = report_receipt(&stream, &entry.id);
                 let Some(fields) = entry.fields else {
                     self.forget_deleted(&stream, REPORT_GROUP, &entry.id).await?;
                     continue;
@@ -677,16 +942,25 @@ impl RedisBus {
                     None => Err(format!("no `{EVENT_FIELD}` field")),
                 };
                 match event {
-                    Ok(event) => reports.push(ReportDelivery { event, receipt: entry.id }),
+                    Ok(event) => reports.push(ReportDelivery {
+                        event,
+                        receipt,
+                        datacenter: datacenter.clone(),
+                    }),
                     Err(error) => {
-                        tracing::warn!(entry_id = %entry.id, %error, "dropping malformed report");
-                        self.ack_reports(std::slice::from_ref(&entry.id)).await?;
+                        tracing::warn!(%stream, entry_id = %entry.id, %error, "dropping malformed report");
+                        self.ack_reports(std::slice::from_ref(&receipt)).await?;
                     }
                 }
             }
         }
         Ok(reports)
     }
+}
+
+/// A report's receipt: `STREAM\nENTRY`.
+fn report_receipt(stream: &str, entry_id: &str) -> String {
+    format!("{stream}\n{entry_id}")
 }
 
 fn delivery(
@@ -703,7 +977,9 @@ fn delivery(
 impl Bus for RedisBus {
     async fn enqueue_job(&self, job: &JobEnvelope) -> Result<(), BusError> {
         let member = selector_member(&job.selector);
-        let stream = self.keys.job_stream(&member);
+        let datacenter = job.selector.datacenter();
+        let scope = datacenter.as_ref().map(Name::as_str);
+        let stream = self.keys.job_stream(scope, &member);
         let json = serde_json::to_vec(job).map_err(|e| BusError::Malformed {
             id: job.job_id.to_string(),
             reason: e.to_string(),
@@ -715,13 +991,16 @@ impl Bus for RedisBus {
             self.create_group(&stream, JOB_GROUP).await?;
             lock(&self.streams_with_group).insert(stream.clone());
             // Workers sharing this bus see the new selector at once.
-            *lock(&self.selector_cache) = None;
+            lock(&self.selector_cache).clear();
         }
         // SADD every time (a no-op write when the selector is known), so a selector set lost
         // with a Redis that had no persistence is rebuilt by the next enqueue.
-        redis::pipe()
-            .cmd("SADD")
-            .arg(self.keys.selectors())
+        let mut pipe = redis::pipe();
+        if let Some(dc) = scope {
+            pipe.cmd("SADD").arg(self.keys.datacenters()).arg(dc).ignore();
+        }
+        pipe.cmd("SADD")
+            .arg(self.keys.selectors(scope))
             .arg(&member)
             .ignore()
             .cmd("XADD")
@@ -803,7 +1082,11 @@ impl Bus for RedisBus {
     async fn queued_jobs(&self) -> Result<Vec<QueuedJob>, BusError> {
         let lease_ms = self.lease_ms();
         let mut queued = Vec::new();
-        for (stream, _) in self.read_selectors().await? {
+        let mut streams = Vec::new();
+        for scope in self.all_scopes().await? {
+            streams.extend(self.read_selectors(scope.as_deref()).await?);
+        }
+        for (stream, _) in streams {
             let range: Value = redis::cmd("XRANGE")
                 .arg(&stream)
                 .arg("-")
@@ -857,14 +1140,19 @@ impl Bus for RedisBus {
     }
 
     async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BusError> {
-        let range: Value = redis::cmd("XRANGE")
-            .arg(self.keys.dead())
-            .arg("-")
-            .arg("+")
-            .query_async(&mut self.conn())
-            .await?;
+        let mut entries = Vec::new();
+        for scope in self.all_scopes().await? {
+            let range: Value = redis::cmd("XRANGE")
+                .arg(self.keys.dead(scope.as_deref()))
+                .arg("-")
+                .arg("+")
+                .query_async(&mut self.conn())
+                .await?;
+            entries.extend(parse_entries(range)?);
+        }
+        entries.sort_by_key(|entry| parse_entry_id(&entry.id).unwrap_or((u64::MAX, u64::MAX)));
         let mut letters = Vec::new();
-        for entry in parse_entries(range)? {
+        for entry in entries {
             let Some(fields) = entry.fields else { continue };
             let text =
                 |name: &str| fields.get(name).map(|raw| String::from_utf8_lossy(raw).into_owned());
@@ -889,7 +1177,7 @@ impl Bus for RedisBus {
             reason: e.to_string(),
         })?;
         redis::cmd("XADD")
-            .arg(self.keys.reports())
+            .arg(self.keys.reports(self.scope_str()))
             .arg("MAXLEN")
             .arg("~")
             .arg(REPORTS_MAX_LEN)
@@ -910,7 +1198,6 @@ impl Bus for RedisBus {
         if max == 0 {
             return Ok(Vec::new());
         }
-        self.ensure_report_group().await?;
         let pending = self.read_reports(consumer, max, "0", None).await?;
         if !pending.is_empty() {
             return Ok(pending);
@@ -927,31 +1214,236 @@ impl Bus for RedisBus {
     }
 
     async fn ack_reports(&self, receipts: &[String]) -> Result<(), BusError> {
-        if let Some(bad) = receipts.iter().find(|r| parse_entry_id(r).is_none()) {
-            return Err(BusError::UnknownReceipt(bad.clone()));
+        let mut by_stream: HashMap<&str, Vec<&str>> = HashMap::new();
+        for receipt in receipts {
+            let parsed = receipt.split_once('\n').filter(|(stream, entry_id)| {
+                self.keys.is_report_stream(stream) && parse_entry_id(entry_id).is_some()
+            });
+            let Some((stream, entry_id)) = parsed else {
+                return Err(BusError::UnknownReceipt(receipt.clone()));
+            };
+            by_stream.entry(stream).or_default().push(entry_id);
         }
-        if receipts.is_empty() {
+        if by_stream.is_empty() {
             return Ok(());
         }
-        let stream = self.keys.reports();
-        redis::pipe()
-            .atomic()
-            .cmd("XACK")
-            .arg(&stream)
-            .arg(REPORT_GROUP)
-            .arg(receipts)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&stream)
-            .arg(receipts)
-            .ignore()
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (stream, ids) in by_stream {
+            pipe.cmd("XACK").arg(stream).arg(REPORT_GROUP).arg(&ids).ignore();
+            pipe.cmd("XDEL").arg(stream).arg(&ids).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, heartbeat: &WorkerHeartbeat) -> Result<(), BusError> {
+        let datacenter = heartbeat.identity.datacenter.as_str();
+        let json = serde_json::to_vec(heartbeat).map_err(|e| BusError::Malformed {
+            id: heartbeat.identity.id.clone(),
+            reason: e.to_string(),
+        })?;
+        if self.scope.is_none() {
+            // A site worker's datacenter was registered with its credential.
+            redis::cmd("SADD")
+                .arg(self.keys.datacenters())
+                .arg(datacenter)
+                .query_async::<()>(&mut self.conn())
+                .await?;
+        }
+        let _seen_ms: i64 = self
+            .heartbeat_script
+            .key(self.keys.workers(datacenter))
+            .key(self.keys.workers_seen(datacenter))
+            .arg(&heartbeat.identity.id)
+            .arg(json)
+            .invoke_async(&mut self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn workers(&self) -> Result<Vec<SeenWorker>, BusError> {
+        let mut workers = Vec::new();
+        for datacenter in self.datacenters().await? {
+            let (beats, seen): (HashMap<String, Vec<u8>>, HashMap<String, u64>) = redis::pipe()
+                .cmd("HGETALL")
+                .arg(self.keys.workers(&datacenter))
+                .cmd("HGETALL")
+                .arg(self.keys.workers_seen(&datacenter))
+                .query_async(&mut self.conn())
+                .await?;
+            for (id, raw) in beats {
+                match serde_json::from_slice::<WorkerHeartbeat>(&raw) {
+                    // Only its own datacenter's hash counts: a heartbeat claiming another is
+                    // not believed.
+                    Ok(heartbeat) if heartbeat.identity.datacenter.as_str() == datacenter => {
+                        let seen_at_ms = seen.get(&id).copied().unwrap_or(0);
+                        workers.push(SeenWorker { heartbeat, seen_at_ms });
+                    }
+                    Ok(_) => {
+                        tracing::warn!(%datacenter, worker = %id, "skipping a heartbeat naming another datacenter")
+                    }
+                    Err(error) => {
+                        tracing::warn!(%datacenter, worker = %id, %error, "skipping a malformed heartbeat");
+                    }
+                }
+            }
+        }
+        Ok(workers)
+    }
+
+    async fn forget_workers(&self, datacenter: &Name) -> Result<(), BusError> {
+        redis::cmd("DEL")
+            .arg(self.keys.workers(datacenter.as_str()))
+            .arg(self.keys.workers_seen(datacenter.as_str()))
             .query_async::<()>(&mut self.conn())
             .await?;
         Ok(())
     }
 
+    async fn publish_snapshot(
+        &self,
+        datacenter: &Name,
+        snapshot: &PublishedSnapshot,
+    ) -> Result<bool, BusError> {
+        if snapshot.generation == 0 {
+            return Err(BusError::Malformed {
+                id: datacenter.to_string(),
+                reason: "snapshot generations start at 1".into(),
+            });
+        }
+        redis::cmd("SADD")
+            .arg(self.keys.datacenters())
+            .arg(datacenter.as_str())
+            .query_async::<()>(&mut self.conn())
+            .await?;
+        let added: Result<Value, RedisError> = redis::cmd("XADD")
+            .arg(self.keys.snapshot(datacenter.as_str()))
+            .arg("MAXLEN")
+            .arg(1)
+            .arg(format!("{}-1", snapshot.generation))
+            .arg(GENERATION_FIELD)
+            .arg(snapshot.generation)
+            .arg(BODY_FIELD)
+            .arg(snapshot.body.as_slice())
+            .query_async(&mut self.conn())
+            .await;
+        match added {
+            Ok(_) => Ok(true),
+            // Redis refuses an id not above the stream's last one: an older generation.
+            Err(e) if e.to_string().contains("equal or smaller") => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn snapshot_after(
+        &self,
+        datacenter: &Name,
+        after: u64,
+        wait: Duration,
+    ) -> Result<Option<PublishedSnapshot>, BusError> {
+        let key = self.keys.snapshot(datacenter.as_str());
+        let deadline = instant_after(Instant::now(), wait);
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let block = (remaining >= Duration::from_millis(1)).then(|| remaining.min(MAX_BLOCK));
+            let mut cmd = redis::cmd("XREAD");
+            if let Some(block) = block {
+                cmd.arg("BLOCK").arg(millis(block).max(1));
+            }
+            cmd.arg("STREAMS").arg(&key).arg(format!("{after}-1"));
+            let reply = match block {
+                Some(_) => self.query_blocking(&cmd).await?,
+                None => cmd.query_async(&mut self.conn()).await?,
+            };
+            let newest = parse_read_reply(reply)?
+                .into_iter()
+                .flat_map(|(_, entries)| entries)
+                .filter_map(|entry| parse_snapshot(&key, entry))
+                .max_by_key(|snapshot| snapshot.generation);
+            if newest.is_some() || block.is_none() {
+                return Ok(newest);
+            }
+        }
+    }
+
+    async fn authorize_workers(&self, grants: &[WorkerGrant]) -> Result<(), BusError> {
+        let prefix = worker_acl_user(&self.keys.namespace, "");
+        let existing: Vec<String> =
+            redis::cmd("ACL").arg("USERS").query_async(&mut self.conn()).await?;
+        let existing: HashSet<String> =
+            existing.into_iter().filter(|user| user.starts_with(&prefix)).collect();
+        let mut wanted = HashSet::new();
+        for grant in grants {
+            let valid_id = !grant.credential_id.is_empty()
+                && grant.credential_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+            if !valid_id {
+                return Err(BusError::Malformed {
+                    id: grant.credential_id.clone(),
+                    reason: "a credential id is letters, digits and '-'".into(),
+                });
+            }
+            let user = worker_acl_user(&self.keys.namespace, &grant.credential_id);
+            let mut rules = vec![
+                "reset".to_owned(),
+                "on".to_owned(),
+                format!("#{}", hex_lower(&grant.secret_sha256)),
+            ];
+            rules.extend(worker_acl_rules(&self.keys.namespace, &grant.datacenter));
+            let text = rules.join(" ");
+            let unchanged = existing.contains(&user)
+                && lock(&self.applied_acl).get(&user).is_some_and(|applied| *applied == text);
+            if !unchanged {
+                redis::cmd("ACL")
+                    .arg("SETUSER")
+                    .arg(&user)
+                    .arg(&rules)
+                    .query_async::<()>(&mut self.conn())
+                    .await?;
+                lock(&self.applied_acl).insert(user.clone(), text);
+            }
+            // The manager reads reports from, and lists workers of, every granted datacenter.
+            redis::cmd("SADD")
+                .arg(self.keys.datacenters())
+                .arg(grant.datacenter.as_str())
+                .query_async::<()>(&mut self.conn())
+                .await?;
+            wanted.insert(user);
+        }
+        for user in existing.difference(&wanted) {
+            // Deleting a user also disconnects its clients.
+            redis::cmd("ACL").arg("DELUSER").arg(user).query_async::<()>(&mut self.conn()).await?;
+            lock(&self.applied_acl).remove(user);
+            tracing::info!(%user, "revoked a worker's Redis user");
+        }
+        *lock(&self.report_streams) = None;
+        Ok(())
+    }
+
     fn is_durable(&self) -> bool {
         true
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A snapshot stream entry; `None` (logged) when it is not one.
+fn parse_snapshot(key: &str, entry: RawEntry) -> Option<PublishedSnapshot> {
+    let fields = entry.fields?;
+    let generation = fields
+        .get(GENERATION_FIELD)
+        .and_then(|raw| std::str::from_utf8(raw).ok())
+        .and_then(|text| text.parse().ok());
+    match (generation, fields.get(BODY_FIELD)) {
+        (Some(generation), Some(body)) => {
+            Some(PublishedSnapshot { generation, body: body.clone() })
+        }
+        _ => {
+            tracing::warn!(%key, entry_id = %entry.id, "skipping a malformed snapshot entry");
+            None
+        }
     }
 }
 

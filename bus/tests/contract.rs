@@ -15,8 +15,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
-use ctpf_bus::{Bus, BusConfig, BusError, Delivery, JobEnvelope, MemoryBus, RedisBus};
-use ctpf_common::{EventBody, JobSpec, NewEvent, Role, Uuid, WorkerIdentity};
+use ctpf_bus::{
+    Bus, BusConfig, BusError, Delivery, JobEnvelope, MemoryBus, PublishedSnapshot, RedisBus,
+    WorkerGrant,
+};
+use ctpf_common::{
+    EventBody, JobSpec, Name, NewEvent, OffsetDateTime, Role, Uuid, WorkerHeartbeat, WorkerIdentity,
+};
 use ctpf_e2e::RedisServer;
 
 /// How long to wait for something that must come.
@@ -371,6 +376,73 @@ async fn rejects_unknown_receipts(backend: &dyn Backend) -> Result<()> {
     Ok(())
 }
 
+fn heartbeat(worker: &WorkerIdentity, generation: Option<u64>) -> WorkerHeartbeat {
+    WorkerHeartbeat {
+        identity: worker.clone(),
+        version: "test".into(),
+        addresses: vec!["192.0.2.1".into()],
+        generation,
+        started_at: OffsetDateTime::now_utc(),
+    }
+}
+
+fn snapshot(generation: u64) -> PublishedSnapshot {
+    PublishedSnapshot { generation, body: format!("{{\"generation\":{generation}}}").into_bytes() }
+}
+
+fn dc(name: &str) -> Name {
+    name.parse().unwrap()
+}
+
+async fn heartbeats_list_workers_per_datacenter(backend: &dyn Backend) -> Result<()> {
+    let buses = backend.buses(config(Duration::from_secs(60), 3), 2).await?;
+    let (home, away) =
+        (worker("w-home", "home", &[Role::Distributor]), worker("w-away", "away", &[]));
+    let before_ms = OffsetDateTime::now_utc().unix_timestamp() as u64 * 1000;
+    buses[0].heartbeat(&heartbeat(&home, Some(1))).await?;
+    buses[1].heartbeat(&heartbeat(&away, None)).await?;
+    let latest = heartbeat(&home, Some(2));
+    buses[0].heartbeat(&latest).await?; // replaces the first
+    let mut seen = buses[1].workers().await?;
+    seen.sort_by(|a, b| a.heartbeat.identity.id.cmp(&b.heartbeat.identity.id));
+    let ids: Vec<_> = seen.iter().map(|s| s.heartbeat.identity.id.as_str()).collect();
+    assert_eq!(ids, ["w-away", "w-home"]);
+    assert_eq!(seen[1].heartbeat, latest);
+    assert!(seen.iter().all(|s| s.seen_at_ms >= before_ms), "{seen:?}");
+
+    buses[0].forget_workers(&dc("home")).await?;
+    let left: Vec<_> =
+        buses[0].workers().await?.into_iter().map(|s| s.heartbeat.identity.id).collect();
+    assert_eq!(left, ["w-away"]);
+    Ok(())
+}
+
+async fn snapshots_only_move_forward(backend: &dyn Backend) -> Result<()> {
+    let buses = backend.buses(config(Duration::from_secs(60), 3), 2).await?;
+    let (manager, worker_bus) = (&buses[0], &buses[1]);
+    let home = dc("home");
+    assert_eq!(worker_bus.snapshot_after(&home, 0, Duration::ZERO).await?, None);
+    assert!(manager.publish_snapshot(&home, &snapshot(1)).await?);
+    assert_eq!(worker_bus.snapshot_after(&home, 0, ARRIVES).await?, Some(snapshot(1)));
+    assert!(!manager.publish_snapshot(&home, &snapshot(1)).await?, "same generation again");
+    assert!(manager.publish_snapshot(&home, &snapshot(3)).await?);
+    assert!(!manager.publish_snapshot(&home, &snapshot(2)).await?, "an older generation");
+    assert_eq!(worker_bus.snapshot_after(&home, 1, ARRIVES).await?, Some(snapshot(3)));
+    assert_eq!(worker_bus.snapshot_after(&home, 3, STAYS_AWAY).await?, None);
+    // Datacenters do not see each other's snapshots.
+    assert_eq!(worker_bus.snapshot_after(&dc("away"), 0, Duration::ZERO).await?, None);
+
+    // A worker waiting for the next generation wakes when it is published.
+    let waiter = {
+        let (bus, home) = (worker_bus.clone(), home.clone());
+        tokio::spawn(async move { bus.snapshot_after(&home, 3, ARRIVES).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(manager.publish_snapshot(&home, &snapshot(4)).await?);
+    assert_eq!(waiter.await??, Some(snapshot(4)));
+    Ok(())
+}
+
 macro_rules! contract {
     ($($case:ident),* $(,)?) => {
         mod memory_bus {
@@ -405,6 +477,8 @@ contract!(
     reports_are_at_least_once,
     cancel_requests_reach_every_handle,
     rejects_unknown_receipts,
+    heartbeats_list_workers_per_datacenter,
+    snapshots_only_move_forward,
 );
 
 #[test]
@@ -525,5 +599,89 @@ async fn redis_skips_malformed_entries() -> Result<()> {
     bus.report(&sent).await?;
     let read = bus.next_reports("manager-1", 10, ARRIVES).await?;
     assert_eq!(read.iter().map(|r| &r.event).collect::<Vec<_>>(), [&sent]);
+    Ok(())
+}
+
+fn grant(id: &str, datacenter: &str, secret: &str) -> WorkerGrant {
+    use sha2::Digest as _;
+    WorkerGrant {
+        credential_id: id.to_owned(),
+        datacenter: dc(datacenter),
+        secret_sha256: sha2::Sha256::digest(secret.as_bytes()).into(),
+    }
+}
+
+fn is_denied<T: std::fmt::Debug>(result: &Result<T, BusError>) -> bool {
+    matches!(result, Err(BusError::Denied(_)))
+}
+
+/// Redis ACL users confine a site worker's credential to its datacenter: it takes that
+/// datacenter's jobs and shared ones, reads its snapshot, reports as that datacenter, and
+/// Redis refuses everything of another datacenter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_worker_credentials_confine_a_worker_to_its_datacenter() -> Result<()> {
+    let server = RedisServer::start()?;
+    let lease = config(Duration::from_secs(60), 3);
+    let manager = RedisBus::connect_with_namespace(&server.url(), "acl", lease.clone()).await?;
+    manager
+        .authorize_workers(&[grant("a1", "dc-a", "secret-a"), grant("b1", "dc-b", "secret-b")])
+        .await?;
+    let (a, b) = (dc("dc-a"), dc("dc-b"));
+    manager.publish_snapshot(&a, &snapshot(1)).await?;
+    manager.publish_snapshot(&b, &snapshot(1)).await?;
+    let (for_a, for_b, for_anyone) =
+        (job("datacenter=dc-a"), job("datacenter=dc-b"), job("role=distributor"));
+    for job in [&for_a, &for_b, &for_anyone] {
+        manager.enqueue_job(job).await?;
+    }
+
+    let url = server.url();
+    let worker_a =
+        RedisBus::connect_as_worker(&url, "acl", &a, "a1", "secret-a", lease.clone()).await?;
+    let identity_a = worker("wa", "dc-a", &[Role::Distributor]);
+    assert_eq!(worker_a.snapshot_after(&a, 0, ARRIVES).await?, Some(snapshot(1)));
+    assert!(is_denied(&worker_a.snapshot_after(&b, 0, Duration::ZERO).await));
+
+    let mut taken = Vec::new();
+    for _ in 0..2 {
+        let delivery = must_get(&worker_a, &identity_a).await?;
+        worker_a.extend_job(&delivery).await?;
+        worker_a.ack_job(&delivery).await?;
+        taken.push(delivery.job.job_id);
+    }
+    taken.sort();
+    let mut expected = vec![for_a.job_id, for_anyone.job_id];
+    expected.sort();
+    assert_eq!(taken, expected);
+    // Claiming to be a dc-b worker does not get it dc-b's job.
+    let forged = worker("wa", "dc-b", &[Role::Distributor]);
+    assert!(is_denied(&worker_a.next_job(&forged, STAYS_AWAY).await));
+    assert!(is_denied(&worker_a.heartbeat(&heartbeat(&forged, None)).await));
+    assert!(is_denied(&worker_a.queued_jobs().await), "workers cannot list every job");
+
+    // Reports and heartbeats arrive as dc-a's.
+    worker_a.heartbeat(&heartbeat(&identity_a, Some(1))).await?;
+    worker_a.report(&event("wa")).await?;
+    let reports = manager.next_reports("manager-1", 10, ARRIVES).await?;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].datacenter, Some(a.clone()));
+    manager.ack_reports(&[reports[0].receipt.clone()]).await?;
+    let seen = manager.workers().await?;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].heartbeat.identity, identity_a);
+
+    // A credential used for the wrong datacenter is refused at connect, by name.
+    let wrong = RedisBus::connect_as_worker(&url, "acl", &b, "a1", "secret-a", lease.clone()).await;
+    let message = wrong.map(|_| ()).unwrap_err().to_string();
+    assert!(message.contains("a1") && message.contains("dc-b"), "{message}");
+    let bad_secret =
+        RedisBus::connect_as_worker(&url, "acl", &a, "a1", "guess", lease.clone()).await;
+    assert!(is_denied(&bad_secret), "{bad_secret:?}");
+
+    // Revoking (leaving the grant out) disconnects and locks the worker out.
+    manager.authorize_workers(&[grant("b1", "dc-b", "secret-b")]).await?;
+    let revoked = RedisBus::connect_as_worker(&url, "acl", &a, "a1", "secret-a", lease).await;
+    assert!(is_denied(&revoked), "{revoked:?}");
+    assert!(worker_a.snapshot_after(&a, 0, Duration::ZERO).await.is_err());
     Ok(())
 }

@@ -67,7 +67,7 @@ pub use package::{
 };
 pub use ssh_key::{NewSshKey, SshKey, SshPublicKey};
 pub use tag::{Tag, TagSelector, Tags};
-pub use worker::{Role, WorkerIdentity};
+pub use worker::{Role, WorkerHeartbeat, WorkerIdentity, WorkerState, WorkerStatus};
 
 /// Re-exported so downstream crates agree on one time and id type.
 pub use time::OffsetDateTime;

@@ -181,6 +181,12 @@ impl TagSelector {
     pub fn matches(&self, tags: &Tags) -> bool {
         self.0.iter().all(|t| tags.contains(t))
     }
+
+    /// The datacenter the selector is confined to (`datacenter=NAME`), if any. A value that
+    /// is not a valid name confines it to no datacenter a worker can have.
+    pub fn datacenter(&self) -> Option<crate::Name> {
+        self.0.iter().find(|t| t.key() == "datacenter").and_then(|t| t.value().parse().ok())
+    }
 }
 
 impl FromStr for TagSelector {

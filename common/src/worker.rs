@@ -1,6 +1,8 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use time::OffsetDateTime;
+
 use crate::{Name, ParseError, Tag, Tags};
 
 /// The roles a worker process can take on.
@@ -70,6 +72,46 @@ impl WorkerIdentity {
         }
         self.roles.iter().any(|r| selector.matches(&self.routing_tags(Some(*r))))
     }
+}
+
+/// What a worker announces about itself, again with every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerHeartbeat {
+    #[serde(flatten)]
+    pub identity: WorkerIdentity,
+    /// The ctpf version it runs.
+    pub version: String,
+    /// Where machines in its site reach it (its boot interface address, when it has one).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The generation of its datacenter's snapshot it serves (distributors only).
+    #[serde(default)]
+    pub generation: Option<u64>,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub started_at: OffsetDateTime,
+}
+
+/// Whether a worker still heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Alive,
+    /// Silent for longer than the manager's timeout. Nothing of its datacenter is deleted;
+    /// it is alive again with its next heartbeat.
+    Lost,
+}
+
+/// A worker as the manager shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerStatus {
+    #[serde(flatten)]
+    pub heartbeat: WorkerHeartbeat,
+    /// When its last heartbeat arrived (the bus's clock, not the worker's).
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub last_seen: OffsetDateTime,
+    pub state: WorkerState,
 }
 
 #[cfg(test)]
