@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use crate::{Name, Tags};
+use crate::{DhcpSettings, Name, Tags};
 
 /// What a client sends to create a datacenter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -11,6 +11,9 @@ pub struct NewDatacenter {
     pub name: Name,
     #[serde(default)]
     pub tags: Tags,
+    /// DHCP on its distributors' boot interfaces (default: proxyDHCP).
+    #[serde(default)]
+    pub dhcp: DhcpSettings,
 }
 
 /// A site where machines boot: a flat, a rack, a cloud region. Workers carry its name and
@@ -19,6 +22,8 @@ pub struct NewDatacenter {
 pub struct Datacenter {
     pub name: Name,
     pub tags: Tags,
+    #[serde(default)]
+    pub dhcp: DhcpSettings,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
@@ -26,6 +31,16 @@ pub struct Datacenter {
 
 impl Datacenter {
     pub fn new(new: NewDatacenter, now: OffsetDateTime) -> Self {
-        Self { name: new.name, tags: new.tags, created_at: now }
+        Self { name: new.name, tags: new.tags, dhcp: new.dhcp, created_at: now }
     }
+}
+
+/// A change to a datacenter: what is given is replaced.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatacenterPatch {
+    #[serde(default)]
+    pub tags: Option<Tags>,
+    #[serde(default)]
+    pub dhcp: Option<DhcpSettings>,
 }

@@ -139,6 +139,54 @@ pub enum EventBody {
     MediaKeyRevoked {
         name: Name,
     },
+    /// A datacenter's tags or DHCP settings changed.
+    DatacenterUpdated {
+        name: Name,
+    },
+    ReservationAdded {
+        mac: crate::MacAddr,
+        #[schema(value_type = String)]
+        ip: std::net::Ipv4Addr,
+    },
+    ReservationRemoved {
+        mac: crate::MacAddr,
+    },
+    WorkerCredentialCreated {
+        id: String,
+    },
+    WorkerCredentialRevoked {
+        id: String,
+    },
+    /// A worker heartbeated for the first time.
+    WorkerJoined {
+        worker: String,
+    },
+    /// A worker was silent for longer than the manager's timeout.
+    WorkerLost {
+        worker: String,
+    },
+    /// A lost worker heartbeated again.
+    WorkerBack {
+        worker: String,
+    },
+    /// The manager published a new generation of the datacenter's snapshot.
+    SnapshotPublished {
+        generation: u64,
+    },
+    /// A machine's callback that a site worker took while it booted there (possibly while the
+    /// manager was unreachable) and forwarded. The manager turns it into a `host_enrolled`
+    /// event; it is not kept as such.
+    HostCallbackForwarded {
+        worker: String,
+        report: Box<crate::HostReport>,
+        #[serde(with = "time::serde::rfc3339")]
+        #[schema(value_type = String, format = DateTime)]
+        received_at: OffsetDateTime,
+    },
+    /// A site worker sent a report about something outside its datacenter; it was dropped.
+    ReportRefused {
+        reason: String,
+    },
 }
 
 impl EventBody {
@@ -167,6 +215,17 @@ impl EventBody {
             EventBody::WorkerStarted { .. } => "worker_started",
             EventBody::MediaKeyCreated { .. } => "media_key_created",
             EventBody::MediaKeyRevoked { .. } => "media_key_revoked",
+            EventBody::DatacenterUpdated { .. } => "datacenter_updated",
+            EventBody::ReservationAdded { .. } => "reservation_added",
+            EventBody::ReservationRemoved { .. } => "reservation_removed",
+            EventBody::WorkerCredentialCreated { .. } => "worker_credential_created",
+            EventBody::WorkerCredentialRevoked { .. } => "worker_credential_revoked",
+            EventBody::WorkerJoined { .. } => "worker_joined",
+            EventBody::WorkerLost { .. } => "worker_lost",
+            EventBody::WorkerBack { .. } => "worker_back",
+            EventBody::SnapshotPublished { .. } => "snapshot_published",
+            EventBody::HostCallbackForwarded { .. } => "host_callback_forwarded",
+            EventBody::ReportRefused { .. } => "report_refused",
         }
     }
 }

@@ -8,7 +8,9 @@ use uuid::Uuid;
 use crate::{MacAddr, Name, ParseError, Tags};
 
 /// CPU architecture of a machine, as it decides which bootloader and image it gets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 pub enum Arch {
     #[serde(rename = "x86_64", alias = "amd64")]
     X86_64,

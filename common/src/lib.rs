@@ -45,13 +45,14 @@ mod media_key;
 mod name;
 mod package;
 mod schema;
+mod snapshot;
 mod ssh_key;
 mod tag;
 mod worker;
 
 pub use artifact::{Artifact, ArtifactKind};
 pub use build::{BuildLogLine, BuildManifest, BuildOutput, BuildRequest, LogStream, NewBuild};
-pub use datacenter::{Datacenter, NewDatacenter};
+pub use datacenter::{Datacenter, DatacenterPatch, NewDatacenter};
 pub use digest::Sha256Digest;
 pub use enroll::{Disk, HostReport, Inventory};
 pub use error::ParseError;
@@ -65,9 +66,15 @@ pub use name::{ArtifactName, Name};
 pub use package::{
     BootMode, InputArtifact, MediaEntry, MediaFormat, NewPackage, PackageManifest, PackageRequest,
 };
+pub use snapshot::{
+    BootAction, BootFiles, DatacenterSnapshot, DesiredState, DhcpMode, DhcpSettings,
+    DiscoveryFiles, HostAssignment, Reservation, SnapshotError, SnapshotFile,
+};
 pub use ssh_key::{NewSshKey, SshKey, SshPublicKey};
 pub use tag::{Tag, TagSelector, Tags};
-pub use worker::{Role, WorkerHeartbeat, WorkerIdentity, WorkerState, WorkerStatus};
+pub use worker::{
+    Role, WorkerCredential, WorkerHeartbeat, WorkerIdentity, WorkerState, WorkerStatus, WorkerToken,
+};
 
 /// Re-exported so downstream crates agree on one time and id type.
 pub use time::OffsetDateTime;

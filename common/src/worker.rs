@@ -114,9 +114,83 @@ pub struct WorkerStatus {
     pub state: WorkerState,
 }
 
+/// A credential a site worker connects with, as the manager lists it (never the secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkerCredential {
+    pub id: String,
+    /// The one datacenter it may read and act for.
+    pub datacenter: Name,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub revoked_at: Option<OffsetDateTime>,
+}
+
+/// What `ctpf worker token create` hands out once: `ctpf_wk_ID_SECRET`. The worker passes it
+/// with `--token`; the manager keeps only the secret's SHA-256.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WorkerToken {
+    pub id: String,
+    pub secret: String,
+}
+
+const WORKER_TOKEN_PREFIX: &str = "ctpf_wk_";
+
+impl WorkerToken {
+    pub fn secret_sha256(&self) -> [u8; 32] {
+        use sha2::Digest as _;
+        sha2::Sha256::digest(self.secret.as_bytes()).into()
+    }
+}
+
+impl std::fmt::Debug for WorkerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerToken").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Display for WorkerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{WORKER_TOKEN_PREFIX}{}_{}", self.id, self.secret)
+    }
+}
+
+impl std::str::FromStr for WorkerToken {
+    type Err = ParseError;
+    fn from_str(text: &str) -> Result<Self, ParseError> {
+        // Never echo the text: it is a secret.
+        let bad = |reason: &str| ParseError::new("token", "(hidden)", reason);
+        let rest = text
+            .trim()
+            .strip_prefix(WORKER_TOKEN_PREFIX)
+            .ok_or_else(|| bad("a worker token starts with ctpf_wk_"))?;
+        let (id, secret) = rest.split_once('_').ok_or_else(|| bad("expected ctpf_wk_ID_SECRET"))?;
+        let id_ok = !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit());
+        let secret_ok = secret.len() >= 32 && secret.bytes().all(|b| b.is_ascii_alphanumeric());
+        if !id_ok || !secret_ok {
+            return Err(bad("expected ctpf_wk_ID_SECRET (hex id, 32+ letters and digits)"));
+        }
+        Ok(Self { id: id.to_owned(), secret: secret.to_owned() })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_tokens_round_trip_and_hide_their_secret() {
+        let token = WorkerToken { id: "0a1b2c".into(), secret: "s".repeat(40) };
+        let text = token.to_string();
+        assert_eq!(text.parse::<WorkerToken>().unwrap(), token);
+        assert!(!format!("{token:?}").contains("sss"));
+        for bad in ["", "ctpf_wk_", "ctpf_wk_zz_ssssssssssssssssssssssssssssssssssss", "ctpf_x"] {
+            let error = bad.parse::<WorkerToken>().unwrap_err().to_string();
+            assert!(!error.contains("ssss"), "{error}");
+        }
+    }
 
     #[test]
     fn workers_accept_by_datacenter_role_and_tags() {

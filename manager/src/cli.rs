@@ -571,6 +571,7 @@ async fn datacenter(cli: &Cli, cmd: &DatacenterCmd) -> Result<()> {
             let new = NewDatacenter {
                 name: Name::parse("name", name)?,
                 tags: tags.iter().map(|t| t.parse::<Tag>()).collect::<Result<_, _>>()?,
+                dhcp: Default::default(),
             };
             let dc: Datacenter = api.post("/v1/datacenters", &new).await?;
             if cli.json {
@@ -623,6 +624,7 @@ async fn keys(cli: &Cli, cmd: &KeysCmd) -> Result<()> {
                     .map(|d| Name::parse("datacenter", d))
                     .transpose()?,
                 tags: tags.iter().map(|t| t.parse::<Tag>()).collect::<Result<_, _>>()?,
+                dhcp: Default::default(),
             };
             let key: SshKey = api.post("/v1/keys", &new).await?;
             if cli.json {

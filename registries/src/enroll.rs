@@ -27,9 +27,18 @@ fn meaningful_uuid(uuid: Option<Uuid>) -> Option<Uuid> {
 /// the media key's name.
 #[derive(Debug)]
 struct Claim {
-    write: Write,
+    write: Option<Write>,
     datacenter: Name,
     media_key: Option<Name>,
+}
+
+/// What vouches for an enrollment.
+#[derive(Debug, Clone, Copy)]
+enum Credential<'a> {
+    /// A one-time token or a media key's secret, from the machine.
+    Token(&'a str),
+    /// A site worker of this datacenter forwarded the callback.
+    Site(&'a Name),
 }
 
 impl Registry {
@@ -43,14 +52,53 @@ impl Registry {
         token: &str,
         report: HostReport,
     ) -> Result<(Host, bool), RegistryError> {
+        self.enroll_with(Credential::Token(token), report).await
+    }
+
+    /// Enrolls a machine whose callback a site worker of `datacenter` took and forwarded (the
+    /// worker's Redis credentials vouch for the datacenter; the machine booted there). A new
+    /// host joins `datacenter`; a known host of another datacenter is refused, since a worker
+    /// may not act for other sites. Forwarded callbacks may arrive more than once: the second
+    /// one finds the host and only updates it.
+    pub async fn enroll_forwarded(
+        &self,
+        datacenter: &Name,
+        report: HostReport,
+    ) -> Result<(Host, bool), RegistryError> {
+        self.enroll_with(Credential::Site(datacenter), report).await
+    }
+
+    async fn enroll_with(
+        &self,
+        credential: Credential<'_>,
+        report: HostReport,
+    ) -> Result<(Host, bool), RegistryError> {
         report.validate()?;
         // Conflicts mean another enrollment or registration raced this one; look again.
         for _ in 0..32 {
             let now = OffsetDateTime::now_utc();
-            let claim = self.enrollment_claim(token, now).await?;
-            let commit = Commit::new().write(claim.write);
+            let claim = match credential {
+                Credential::Token(token) => self.enrollment_claim(token, now).await?,
+                Credential::Site(datacenter) => {
+                    Claim { write: None, datacenter: datacenter.clone(), media_key: None }
+                }
+            };
+            let mut commit = Commit::new();
+            if let Some(write) = claim.write {
+                commit = commit.write(write);
+            }
             let media_key = claim.media_key.as_ref();
             let (commit, host, new) = match self.find_enrolling_host(&report).await? {
+                Some((host, _)) if matches!(credential, Credential::Site(dc) if *dc != host.datacenter) =>
+                {
+                    return Err(self
+                        .refuse(&format!(
+                            "a worker of datacenter {} forwarded a callback of host {}, which \
+                             belongs to datacenter {}",
+                            claim.datacenter, host.id, host.datacenter
+                        ))
+                        .await);
+                }
                 Some((host, version)) => {
                     self.update_enrolled(commit, host, version, &report, media_key, now)?
                 }
@@ -114,7 +162,7 @@ impl Registry {
                 Precondition::Version(version),
             );
             return Ok(Claim {
-                write,
+                write: Some(write),
                 datacenter: key.key.datacenter,
                 media_key: Some(key.key.name),
             });
@@ -128,7 +176,7 @@ impl Registry {
             encode(&consumed)?,
             Precondition::Version(version),
         );
-        Ok(Claim { write, datacenter, media_key: None })
+        Ok(Claim { write: Some(write), datacenter, media_key: None })
     }
 
     /// The token's record, version and datacenter if it may enroll a machine now; otherwise

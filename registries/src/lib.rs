@@ -19,7 +19,12 @@ use serde::{Serialize, de::DeserializeOwned};
 
 mod enroll;
 mod media_keys;
+mod network;
+mod snapshots;
 mod tokens;
+mod workers;
+
+pub use snapshots::SnapshotSettings;
 
 pub use tokens::generate_token;
 
@@ -68,6 +73,40 @@ impl Filter {
 pub struct Registry {
     state: Arc<dyn StateStore>,
     bus: Arc<dyn Bus>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+/// The state store as the registry uses it: every successful commit bumps a counter, so the
+/// snapshot publisher reacts to a change at once instead of polling.
+#[derive(Debug)]
+struct Watched {
+    inner: Arc<dyn StateStore>,
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+#[async_trait::async_trait]
+impl StateStore for Watched {
+    async fn get(&self, table: Table, key: &str) -> Result<Option<Record>, StateError> {
+        self.inner.get(table, key).await
+    }
+
+    async fn list(&self, table: Table) -> Result<Vec<(String, Record)>, StateError> {
+        self.inner.list(table).await
+    }
+
+    async fn commit(&self, commit: Commit) -> Result<ctpf_store::state::Committed, StateError> {
+        let done = self.inner.commit(commit).await?;
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+        Ok(done)
+    }
+
+    async fn events_after(&self, after: u64, limit: usize) -> Result<Vec<Event>, StateError> {
+        self.inner.events_after(after, limit).await
+    }
+
+    async fn last_event_seq(&self) -> Result<u64, StateError> {
+        self.inner.last_event_seq().await
+    }
 }
 
 fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, RegistryError> {
@@ -92,7 +131,14 @@ fn now() -> OffsetDateTime {
 
 impl Registry {
     pub fn new(state: Arc<dyn StateStore>, bus: Arc<dyn Bus>) -> Self {
-        Self { state, bus }
+        let changes = Arc::new(tokio::sync::watch::Sender::new(0));
+        let state = Arc::new(Watched { inner: state, changes: changes.clone() });
+        Self { state, bus, changes }
+    }
+
+    /// Changes whenever this registry committed something (not other processes' commits).
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn state(&self) -> &Arc<dyn StateStore> {
@@ -178,9 +224,11 @@ impl Registry {
         Ok(all.iter().filter(|d| filter.matches(Some(&d.name), &d.tags, &[])).cloned().collect())
     }
 
-    /// Deletes a datacenter. Refused while hosts or SSH keys still belong to it, unless
-    /// `force`, which deletes them too. The delete is conditional on the datacenter's version: adding a host
-    /// bumps it, so a host registered meanwhile makes this fail instead of leaving an orphan.
+    /// Deletes a datacenter. Refused while hosts, SSH keys, workers or live worker credentials
+    /// still belong to it, unless `force`, which deletes the hosts, keys and reservations,
+    /// revokes the credentials and forgets the workers. The delete is conditional on the
+    /// datacenter's version: adding a host bumps it, so a host registered meanwhile makes
+    /// this fail instead of leaving an orphan.
     pub async fn delete_datacenter(&self, name: &Name, force: bool) -> Result<(), RegistryError> {
         let Some((_, version)) = self.get::<Datacenter>(Table::Datacenters, name.as_str()).await?
         else {
@@ -198,16 +246,20 @@ impl Registry {
             .into_iter()
             .filter(|k| k.datacenter.as_ref() == Some(name))
             .collect();
-        let in_use = !hosts.is_empty() || !keys.is_empty();
+        let (credentials, workers) = self.datacenter_workers(name).await?;
+        let in_use = !hosts.is_empty() || !keys.is_empty() || credentials > 0 || workers > 0;
         if in_use && !force {
             return Err(RegistryError::Refused(format!(
-                "datacenter {name} still has {} host(s) and {} SSH key(s); delete them first or \
-                 pass force=true",
+                "datacenter {name} still has {} host(s), {} SSH key(s), {workers} worker(s) and \
+                 {credentials} worker credential(s); delete them first or pass force=true",
                 hosts.len(),
                 keys.len()
             )));
         }
-        let mut commit = Commit::new();
+        if force {
+            self.retire_datacenter_workers(name).await?;
+        }
+        let mut commit = self.reservation_removals(Commit::new(), name).await?;
         for host in &hosts {
             commit = host_removal(commit, host, Precondition::Any);
         }
@@ -630,9 +682,53 @@ impl Registry {
         Ok(n)
     }
 
-    /// Applies a worker's report: updates the job it concerns and appends the event. Reports
-    /// arrive at least once and possibly late, so a finished job never changes again.
+    /// Applies a report from a trusted worker (the manager's own, or one using the manager's
+    /// Redis user); see [`Registry::apply_report_from`].
     pub async fn apply_report(&self, report: NewEvent) -> Result<Option<Event>, RegistryError> {
+        self.apply_report_from(report, None).await
+    }
+
+    /// Applies a worker's report: updates the job it concerns and appends the event, or, for a
+    /// forwarded host callback, enrolls the host. Reports arrive at least once and possibly
+    /// late, so a finished job never changes again.
+    ///
+    /// `source` is the datacenter whose credentials sent it (a site worker's): such a report
+    /// may only speak for that datacenter. Events naming another datacenter, or jobs routed
+    /// to another one, are dropped and recorded as `report_refused`.
+    pub async fn apply_report_from(
+        &self,
+        mut report: NewEvent,
+        source: Option<&Name>,
+    ) -> Result<Option<Event>, RegistryError> {
+        if let Some(site) = source {
+            if let Some(reason) = self.oversteps(&report, site).await? {
+                tracing::warn!(datacenter = %site, %reason, "report refused");
+                let refused =
+                    NewEvent::new(Some(site.clone()), EventBody::ReportRefused { reason });
+                let done = self.state.commit(Commit::new().event(refused)).await?;
+                return Ok(done.events.into_iter().next());
+            }
+            // Everything a site worker says concerns its datacenter.
+            report.datacenter = Some(site.clone());
+        }
+        if let EventBody::HostCallbackForwarded { report: host_report, worker, .. } = report.body {
+            let Some(site) = report.datacenter.clone() else {
+                let reason = format!("worker {worker} forwarded a callback naming no datacenter");
+                let refused = NewEvent::new(None, EventBody::ReportRefused { reason });
+                let done = self.state.commit(Commit::new().event(refused)).await?;
+                return Ok(done.events.into_iter().next());
+            };
+            return match self.enroll_forwarded(&site, *host_report).await {
+                Ok(_) => Ok(None),
+                // Refused and recorded (host of another datacenter) or invalid: retrying
+                // cannot help, so the report counts as applied.
+                Err(e @ (RegistryError::Forbidden(_) | RegistryError::Invalid(_))) => {
+                    tracing::warn!(%worker, error = %e, "forwarded callback not enrolled");
+                    Ok(None)
+                }
+                Err(e) => Err(e),
+            };
+        }
         let (job_id, status, worker, error, attempt) = match &report.body {
             EventBody::JobStarted { job_id, worker, attempt } => {
                 (*job_id, JobStatus::Running, Some(worker.clone()), None, Some(*attempt))
@@ -814,14 +910,47 @@ fn host_removal(commit: Commit, host: &Host, expect: Precondition) -> Commit {
     ))
 }
 
+impl Registry {
+    /// Why a report from a site worker of `site` oversteps it, if it does.
+    async fn oversteps(
+        &self,
+        report: &NewEvent,
+        site: &Name,
+    ) -> Result<Option<String>, RegistryError> {
+        if let Some(named) = &report.datacenter
+            && named != site
+        {
+            return Ok(Some(format!(
+                "a worker of datacenter {site} sent a {} event for datacenter {named}",
+                report.body.type_name()
+            )));
+        }
+        let job_id = match &report.body {
+            EventBody::JobStarted { job_id, .. }
+            | EventBody::JobSucceeded { job_id, .. }
+            | EventBody::JobFailed { job_id, .. }
+            | EventBody::JobDeadLettered { job_id, .. }
+            | EventBody::JobCancelled { job_id, .. }
+            | EventBody::BuildLog { job_id, .. } => *job_id,
+            _ => return Ok(None),
+        };
+        let Some((job, _)) = self.get::<Job>(Table::Jobs, &job_id.to_string()).await? else {
+            return Ok(None);
+        };
+        Ok(match job.selector.datacenter() {
+            Some(dc) if &dc != site => Some(format!(
+                "a worker of datacenter {site} reported on job {job_id}, which is routed to \
+                 datacenter {dc}"
+            )),
+            _ => None,
+        })
+    }
+}
+
 fn envelope(job: &Job) -> JobEnvelope {
     JobEnvelope { job_id: job.id, spec: job.spec.clone(), selector: job.selector.clone() }
 }
 
 fn selector_datacenter(job: &Job) -> Option<Name> {
-    job.selector
-        .tags()
-        .iter()
-        .find(|t| t.key() == "datacenter")
-        .and_then(|t| t.value().parse().ok())
+    job.selector.datacenter()
 }

@@ -31,6 +31,7 @@ async fn identity_contract(state: Arc<dyn StateStore>) {
     reg.create_datacenter(NewDatacenter {
         name: "home".parse().unwrap(),
         tags: Default::default(),
+        dhcp: Default::default(),
     })
     .await
     .unwrap();
@@ -104,6 +105,7 @@ async fn identity_contract(state: Arc<dyn StateStore>) {
     reg.create_datacenter(NewDatacenter {
         name: "home".parse().unwrap(),
         tags: Default::default(),
+        dhcp: Default::default(),
     })
     .await
     .unwrap();

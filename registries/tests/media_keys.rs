@@ -34,9 +34,13 @@ fn new_key(key: &str, dc: &str, ttl_seconds: u64) -> NewMediaKey {
 async fn registry(state: Arc<dyn StateStore>) -> Registry {
     let reg = Registry::new(state, Arc::new(MemoryBus::new(BusConfig::default())));
     for dc in ["home", "lab"] {
-        reg.create_datacenter(NewDatacenter { name: name(dc), tags: Default::default() })
-            .await
-            .unwrap();
+        reg.create_datacenter(NewDatacenter {
+            name: name(dc),
+            tags: Default::default(),
+            dhcp: Default::default(),
+        })
+        .await
+        .unwrap();
     }
     reg
 }
@@ -157,9 +161,13 @@ async fn media_key_contract(state: Arc<dyn StateStore>) {
     reg.enroll(&home_secret, machine("52:54:00:00:03:01", None)).await.unwrap();
     reg.delete_datacenter(&name("home"), true).await.unwrap();
     forbidden(reg.enroll(&home_secret, machine("52:54:00:00:03:02", None)).await, "is gone");
-    reg.create_datacenter(NewDatacenter { name: name("home"), tags: Default::default() })
-        .await
-        .unwrap();
+    reg.create_datacenter(NewDatacenter {
+        name: name("home"),
+        tags: Default::default(),
+        dhcp: Default::default(),
+    })
+    .await
+    .unwrap();
     forbidden(reg.enroll(&home_secret, machine("52:54:00:00:03:02", None)).await, "is gone");
 
     // The event log names keys, never secrets.

@@ -125,7 +125,8 @@ pub async fn machine_grub_config(
 }
 
 async fn ensure_datacenter(s: &AppState, name: &Name) -> Result<(), ApiError> {
-    let new = NewDatacenter { name: name.clone(), tags: Default::default() };
+    let new =
+        NewDatacenter { name: name.clone(), tags: Default::default(), dhcp: Default::default() };
     match s.registry.create_datacenter(new).await {
         Ok(_) | Err(RegistryError::AlreadyExists { .. }) => Ok(()),
         Err(e) => Err(e.into()),

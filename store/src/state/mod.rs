@@ -34,10 +34,20 @@ pub enum Table {
     /// SHA-256 (hex) of a media key's secret -> the key's name, so enrollment finds a key in
     /// one lookup.
     MediaKeyIndex,
+    /// Site worker credentials by id (the secret's SHA-256, never the secret).
+    WorkerCredentials,
+    /// What the manager last concluded about each worker (`DATACENTER/ID`): alive or lost.
+    Workers,
+    /// DHCP reservations by `DATACENTER/MAC`.
+    Reservations,
+    /// `DATACENTER/IP` -> MAC, so one address is never reserved twice.
+    ReservedIps,
+    /// Per datacenter, the last published snapshot generation and what it held.
+    Snapshots,
 }
 
 impl Table {
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 14] = [
         Table::Datacenters,
         Table::Hosts,
         Table::SshKeys,
@@ -47,6 +57,11 @@ impl Table {
         Table::HostIndex,
         Table::MediaKeys,
         Table::MediaKeyIndex,
+        Table::WorkerCredentials,
+        Table::Workers,
+        Table::Reservations,
+        Table::ReservedIps,
+        Table::Snapshots,
     ];
 
     pub fn name(self) -> &'static str {
@@ -60,6 +75,11 @@ impl Table {
             Table::HostIndex => "host_index",
             Table::MediaKeys => "media_keys",
             Table::MediaKeyIndex => "media_key_index",
+            Table::WorkerCredentials => "worker_credentials",
+            Table::Workers => "workers",
+            Table::Reservations => "reservations",
+            Table::ReservedIps => "reserved_ips",
+            Table::Snapshots => "snapshots",
         }
     }
 }

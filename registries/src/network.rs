@@ -1,0 +1,177 @@
+//! A datacenter's boot network: its DHCP settings and reservations. Both go into the
+//! datacenter's snapshot, which its distributors serve.
+
+use ctpf_common::{
+    Datacenter, DatacenterPatch, EventBody, MacAddr, Name, NewEvent, ParseError, Reservation,
+};
+use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
+
+use crate::{Registry, RegistryError, encode};
+
+fn reservation_key(datacenter: &Name, mac: MacAddr) -> String {
+    format!("{datacenter}/{mac}")
+}
+
+fn reserved_ip_key(datacenter: &Name, ip: std::net::Ipv4Addr) -> String {
+    format!("{datacenter}/{ip}")
+}
+
+impl Registry {
+    /// Replaces a datacenter's tags and/or DHCP settings.
+    pub async fn update_datacenter(
+        &self,
+        name: &Name,
+        patch: DatacenterPatch,
+    ) -> Result<Datacenter, RegistryError> {
+        if let Some(dhcp) = &patch.dhcp {
+            dhcp.validate()?;
+        }
+        loop {
+            let Some((mut dc, version)) =
+                self.get::<Datacenter>(Table::Datacenters, name.as_str()).await?
+            else {
+                return Err(RegistryError::NotFound { kind: "datacenter", id: name.to_string() });
+            };
+            if let Some(tags) = &patch.tags {
+                dc.tags = tags.clone();
+            }
+            if let Some(dhcp) = &patch.dhcp {
+                dc.dhcp = dhcp.clone();
+            }
+            let commit = Commit::new()
+                .write(Write::put(
+                    Table::Datacenters,
+                    name.as_str(),
+                    encode(&dc)?,
+                    Precondition::Version(version),
+                ))
+                .event(NewEvent::new(
+                    Some(name.clone()),
+                    EventBody::DatacenterUpdated { name: name.clone() },
+                ));
+            match self.state.commit(commit).await {
+                Ok(_) => return Ok(dc),
+                Err(StateError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Reserves `reservation.ip` for `reservation.mac` in `datacenter`. A MAC has one
+    /// reservation per datacenter and an address one MAC: both are claimed in one commit, so
+    /// two racing reservations cannot take the same address.
+    pub async fn add_reservation(
+        &self,
+        datacenter: &Name,
+        reservation: Reservation,
+    ) -> Result<Reservation, RegistryError> {
+        let Some((_, dc_version)) =
+            self.get::<Datacenter>(Table::Datacenters, datacenter.as_str()).await?
+        else {
+            return Err(RegistryError::NotFound { kind: "datacenter", id: datacenter.to_string() });
+        };
+        let ip = reservation.ip;
+        if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() || ip.is_loopback() {
+            return Err(ParseError::new("ip", ip.to_string(), "not an address to lease").into());
+        }
+        let key = reservation_key(datacenter, reservation.mac);
+        let event = NewEvent::new(
+            Some(datacenter.clone()),
+            EventBody::ReservationAdded { mac: reservation.mac, ip },
+        );
+        let commit = Commit::new()
+            .write(Write::check(
+                Table::Datacenters,
+                datacenter.as_str(),
+                Precondition::Version(dc_version),
+            ))
+            .write(Write::put(
+                Table::Reservations,
+                &key,
+                encode(&reservation)?,
+                Precondition::Absent,
+            ))
+            .write(Write::put(
+                Table::ReservedIps,
+                reserved_ip_key(datacenter, ip),
+                reservation.mac.to_string().into_bytes(),
+                Precondition::Absent,
+            ))
+            .event(event);
+        match self.state.commit(commit).await {
+            Ok(_) => Ok(reservation),
+            Err(StateError::Conflict { .. }) => {
+                let taken_by =
+                    self.state.get(Table::ReservedIps, &reserved_ip_key(datacenter, ip)).await?;
+                Err(RegistryError::AlreadyExists {
+                    kind: "reservation",
+                    id: match taken_by {
+                        Some(mac) => {
+                            format!("{ip} (reserved for {})", String::from_utf8_lossy(&mac.value))
+                        }
+                        None => format!("{} in {datacenter}", reservation.mac),
+                    },
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn remove_reservation(
+        &self,
+        datacenter: &Name,
+        mac: MacAddr,
+    ) -> Result<(), RegistryError> {
+        let key = reservation_key(datacenter, mac);
+        let Some((reservation, version)) =
+            self.get::<Reservation>(Table::Reservations, &key).await?
+        else {
+            return Err(RegistryError::NotFound { kind: "reservation", id: key });
+        };
+        let commit = Commit::new()
+            .write(Write::delete(Table::Reservations, &key, Precondition::Version(version)))
+            .write(Write::delete(
+                Table::ReservedIps,
+                reserved_ip_key(datacenter, reservation.ip),
+                Precondition::Any,
+            ))
+            .event(NewEvent::new(Some(datacenter.clone()), EventBody::ReservationRemoved { mac }));
+        self.state.commit(commit).await?;
+        Ok(())
+    }
+
+    /// `datacenter`'s reservations, by MAC.
+    pub async fn reservations(&self, datacenter: &Name) -> Result<Vec<Reservation>, RegistryError> {
+        let prefix = format!("{datacenter}/");
+        let mut list = Vec::new();
+        for (key, record) in self.state.list(Table::Reservations).await? {
+            if key.starts_with(&prefix) {
+                list.push(crate::decode::<Reservation>(Table::Reservations, &key, &record)?);
+            }
+        }
+        list.sort_by_key(|r| r.mac);
+        Ok(list)
+    }
+
+    /// Adds the removal of `datacenter`'s reservations to `commit` (its forced deletion).
+    pub(crate) async fn reservation_removals(
+        &self,
+        mut commit: Commit,
+        datacenter: &Name,
+    ) -> Result<Commit, RegistryError> {
+        for reservation in self.reservations(datacenter).await? {
+            commit = commit
+                .write(Write::delete(
+                    Table::Reservations,
+                    reservation_key(datacenter, reservation.mac),
+                    Precondition::Any,
+                ))
+                .write(Write::delete(
+                    Table::ReservedIps,
+                    reserved_ip_key(datacenter, reservation.ip),
+                    Precondition::Any,
+                ));
+        }
+        Ok(commit)
+    }
+}

@@ -1,0 +1,194 @@
+//! Per-datacenter snapshots of desired state: built from the registries, numbered, recorded,
+//! then published on the bus for the datacenter's distributors.
+//!
+//! A new generation is made only when the desired state changed (its SHA-256 differs from
+//! the last published one). The record is written before the bus is told, so a manager that
+//! dies in between republishes the same generation on its next pass; a generation therefore
+//! never goes back, also across manager restarts and Redis data loss. The record of a
+//! deleted datacenter is kept, so one made again under the same name continues its count.
+
+use std::collections::BTreeMap;
+
+use ctpf_bus::PublishedSnapshot;
+use ctpf_common::{
+    Arch, Artifact, BootFiles, DatacenterSnapshot, DesiredState, DiscoveryFiles, EventBody, Host,
+    HostAssignment, Name, NewEvent, SnapshotFile,
+};
+use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::{Registry, RegistryError, encode, now};
+
+/// What the manager adds to the registries' data when it builds a snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotSettings {
+    /// Extra kernel parameters of discovery boots.
+    pub discovery_cmdline: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PublishedRecord {
+    state_sha256: String,
+    snapshot: DatacenterSnapshot,
+}
+
+/// Artifacts named `boot-FILE` are the boot loaders served as `FILE`.
+const LOADER_PREFIX: &str = "boot-";
+
+fn file_of(artifact: &Artifact) -> SnapshotFile {
+    SnapshotFile { digest: artifact.digest, size: artifact.size }
+}
+
+impl Registry {
+    /// What `datacenter`'s distributors should serve now.
+    pub async fn desired_state(
+        &self,
+        datacenter: &Name,
+        settings: &SnapshotSettings,
+    ) -> Result<DesiredState, RegistryError> {
+        let dc = self.datacenter(datacenter).await?;
+        let artifacts: Vec<Artifact> = self.all(Table::Artifacts).await?;
+        let by_name: BTreeMap<&str, &Artifact> =
+            artifacts.iter().map(|a| (a.name.as_str(), a)).collect();
+        let mut boot = BootFiles {
+            discovery_cmdline: settings.discovery_cmdline.clone(),
+            ..BootFiles::default()
+        };
+        for artifact in &artifacts {
+            if let Some(file) = artifact.name.as_str().strip_prefix(LOADER_PREFIX) {
+                boot.loaders.insert(file.to_owned(), file_of(artifact));
+            }
+        }
+        for arch in Arch::ALL {
+            let kernel = by_name.get(format!("discovery-{arch}-vmlinuz").as_str()).copied();
+            let initrd = by_name.get(format!("discovery-{arch}-initrd").as_str()).copied();
+            if let (Some(kernel), Some(initrd)) = (kernel, initrd) {
+                boot.discovery.insert(
+                    arch,
+                    DiscoveryFiles { kernel: file_of(kernel), initrd: file_of(initrd) },
+                );
+            }
+        }
+        let hosts: Vec<Host> = self.all(Table::Hosts).await?;
+        let mut hosts: Vec<HostAssignment> = hosts
+            .into_iter()
+            .filter(|h| &h.datacenter == datacenter)
+            .map(|h| HostAssignment {
+                host_id: h.id,
+                macs: h.macs,
+                smbios_uuid: h.smbios_uuid,
+                hostname: h.hostname.map(|n| n.to_string()),
+                boot: HostAssignment::boot_for(h.state),
+                state: h.state,
+            })
+            .collect();
+        hosts.sort_by_key(|h| h.host_id);
+        Ok(DesiredState {
+            dhcp: dc.dhcp,
+            reservations: self.reservations(datacenter).await?,
+            hosts,
+            boot,
+        })
+    }
+
+    /// The snapshot last published for `datacenter`, if any.
+    pub async fn snapshot(
+        &self,
+        datacenter: &Name,
+    ) -> Result<Option<DatacenterSnapshot>, RegistryError> {
+        Ok(self
+            .get::<PublishedRecord>(Table::Snapshots, datacenter.as_str())
+            .await?
+            .map(|(record, _)| record.snapshot))
+    }
+
+    /// Publishes a new generation for every datacenter whose desired state changed, and
+    /// publishes the current one again where the bus lost it. Returns the datacenters that
+    /// got a new generation, with it.
+    pub async fn publish_snapshots(
+        &self,
+        settings: &SnapshotSettings,
+    ) -> Result<Vec<(Name, u64)>, RegistryError> {
+        let mut published = Vec::new();
+        for dc in self.datacenters(&crate::Filter::default()).await? {
+            if let Some(generation) = self.publish_snapshot(&dc.name, settings).await? {
+                published.push((dc.name, generation));
+            }
+        }
+        Ok(published)
+    }
+
+    /// See [`Registry::publish_snapshots`]; `Some(generation)` when a new one was made.
+    pub async fn publish_snapshot(
+        &self,
+        datacenter: &Name,
+        settings: &SnapshotSettings,
+    ) -> Result<Option<u64>, RegistryError> {
+        loop {
+            let state = self.desired_state(datacenter, settings).await?;
+            let state_sha256 = hex::encode(Sha256::digest(encode(&state)?));
+            let previous =
+                self.get::<PublishedRecord>(Table::Snapshots, datacenter.as_str()).await?;
+            if let Some((record, _)) = &previous
+                && record.state_sha256 == state_sha256
+            {
+                self.ensure_on_bus(&record.snapshot).await?;
+                return Ok(None);
+            }
+            let generation = previous.as_ref().map_or(0, |(r, _)| r.snapshot.generation) + 1;
+            let snapshot = DatacenterSnapshot {
+                datacenter: datacenter.clone(),
+                generation,
+                published_at: now(),
+                state,
+            };
+            let expect = match &previous {
+                Some((_, version)) => Precondition::Version(*version),
+                None => Precondition::Absent,
+            };
+            let record = PublishedRecord { state_sha256, snapshot };
+            let commit = Commit::new()
+                .write(Write::put(Table::Snapshots, datacenter.as_str(), encode(&record)?, expect))
+                .event(NewEvent::new(
+                    Some(datacenter.clone()),
+                    EventBody::SnapshotPublished { generation },
+                ));
+            match self.state.commit(commit).await {
+                Ok(_) => {}
+                // Another publisher was faster; look again.
+                Err(StateError::Conflict { .. }) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            self.put_on_bus(&record.snapshot).await?;
+            tracing::info!(%datacenter, generation, "snapshot published");
+            return Ok(Some(generation));
+        }
+    }
+
+    async fn put_on_bus(&self, snapshot: &DatacenterSnapshot) -> Result<(), RegistryError> {
+        let published =
+            PublishedSnapshot { generation: snapshot.generation, body: encode(snapshot)? };
+        self.bus.publish_snapshot(&snapshot.datacenter, &published).await?;
+        Ok(())
+    }
+
+    /// Publishes `snapshot` again if the bus does not hold it (or a newer one): a manager
+    /// that stopped between recording and publishing, or a Redis that lost its data.
+    async fn ensure_on_bus(&self, snapshot: &DatacenterSnapshot) -> Result<(), RegistryError> {
+        let held = self
+            .bus
+            .snapshot_after(
+                &snapshot.datacenter,
+                snapshot.generation.saturating_sub(1),
+                std::time::Duration::ZERO,
+            )
+            .await?;
+        if held.is_none() {
+            tracing::info!(datacenter = %snapshot.datacenter, generation = snapshot.generation,
+                "the bus lacks the current snapshot; publishing it again");
+            self.put_on_bus(snapshot).await?;
+        }
+        Ok(())
+    }
+}
