@@ -624,7 +624,6 @@ async fn keys(cli: &Cli, cmd: &KeysCmd) -> Result<()> {
                     .map(|d| Name::parse("datacenter", d))
                     .transpose()?,
                 tags: tags.iter().map(|t| t.parse::<Tag>()).collect::<Result<_, _>>()?,
-                dhcp: Default::default(),
             };
             let key: SshKey = api.post("/v1/keys", &new).await?;
             if cli.json {
