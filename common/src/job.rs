@@ -105,6 +105,10 @@ pub struct Job {
     /// A cancel was asked for while it ran; the worker stops it at its next check.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cancel_requested: bool,
+    /// Why a queued job is not running: no live worker matches its selector. Filled in when
+    /// the job is read through the API, never stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<String>,
     /// What a succeeded build made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manifest: Option<crate::BuildManifest>,
@@ -132,6 +136,7 @@ impl Job {
             status: JobStatus::Queued,
             attempts: 0,
             worker: None,
+            waiting_for: None,
             error: None,
             cancel_requested: false,
             manifest: None,

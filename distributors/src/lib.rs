@@ -4,6 +4,8 @@
 
 pub mod boot_service;
 pub mod dhcp;
+pub mod heartbeat;
 pub mod jobs;
 pub mod router_advert;
+pub mod site;
 pub mod tftp;

@@ -172,17 +172,11 @@ impl BootArgs {
 
 /// The boot URLs once the API's public URL is known: iPXE gets `{public_url}/boot.ipxe`.
 pub fn boot_config(address: Ipv4Addr, public_url: &str) -> BootConfig {
-    let base = public_url.trim_end_matches('/');
-    BootConfig {
-        http_boot_url_x64: format!("{base}/ipxe.efi"),
-        http_boot_url_arm64: format!("{base}/ipxe-arm64.efi"),
-        ipxe_script_url: Some(format!("{base}/boot.ipxe")),
-        ..BootConfig::standard(address, 0)
-    }
+    BootConfig::ipxe_chain(address, public_url)
 }
 
 /// The first IPv4 address of `interface` and its netmask.
-fn interface_ipv4(interface: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
+pub fn interface_ipv4(interface: &str) -> Result<(Ipv4Addr, Ipv4Addr)> {
     let addrs = nix::ifaddrs::getifaddrs().context("listing network interfaces")?;
     let mut exists = false;
     for ifaddr in addrs.filter(|a| a.interface_name == interface) {

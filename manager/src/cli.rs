@@ -45,8 +45,12 @@ pub enum Command {
     Up(UpArgs),
     /// Run the control plane only (API, registries) against Redis and S3; workers run apart.
     Manager(ManagerArgs),
-    /// Run a worker for one datacenter; it dials out to Redis and takes matching jobs.
-    Worker(WorkerArgs),
+    /// Run a worker for one datacenter (it dials out to Redis, serves its site's boots and
+    /// takes matching jobs), or manage worker credentials (`ctpf worker token ...`).
+    Worker(WorkerCommand),
+    /// Workers that dialled in, per datacenter, alive or lost.
+    #[command(subcommand, alias = "worker-list")]
+    Workers(WorkersCmd),
     /// Datacenters: where machines live.
     #[command(subcommand, alias = "datacenters", alias = "dc")]
     Datacenter(DatacenterCmd),
@@ -184,6 +188,52 @@ pub struct ManagerArgs {
     pub serve: ServeArgs,
     #[command(flatten)]
     pub engines: EngineArgs,
+    /// Seconds without a heartbeat after which a worker is shown as lost.
+    #[arg(long, env = "CTPF_WORKER_LOST_AFTER", default_value_t = 15)]
+    pub worker_lost_after: u64,
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct WorkerCommand {
+    #[command(subcommand)]
+    pub action: Option<WorkerAction>,
+    #[command(flatten)]
+    pub run: WorkerArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerAction {
+    /// Credentials site workers connect with (one datacenter each).
+    #[command(subcommand, alias = "tokens")]
+    Token(WorkerTokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerTokenCmd {
+    /// Issue a credential for a worker of DATACENTER; prints the token once.
+    Create {
+        #[arg(long)]
+        datacenter: String,
+    },
+    /// List credentials (never their secrets).
+    List {
+        #[arg(long)]
+        datacenter: Option<String>,
+    },
+    /// Revoke a credential: Redis drops its user and disconnects it.
+    Revoke { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkersCmd {
+    /// List workers with their datacenter, roles, state and served snapshot generation.
+    List {
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        datacenter: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -200,6 +250,22 @@ pub struct WorkerArgs {
     /// Worker id (default: host name and process id).
     #[arg(long, env = "CTPF_WORKER_ID")]
     pub id: Option<String>,
+    /// This site worker's credential (`ctpf worker token create`): Redis then lets it see only
+    /// its datacenter. Without one the Redis URL's user is used, trusted like the manager.
+    #[arg(long, env = "CTPF_WORKER_TOKEN", hide_env_values = true)]
+    pub worker_token: Option<String>,
+    /// Serve the datacenter's network boot (DHCP, TFTP) on this interface (distributor role).
+    #[arg(long, env = "CTPF_BOOT_INTERFACE", value_name = "IFACE")]
+    pub boot_interface: Option<String>,
+    /// Address of the distributor's HTTP boot server [default: 0.0.0.0:8080].
+    #[arg(long, env = "CTPF_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
+    /// The URL machines reach the HTTP boot server at [default: http://IFACE_ADDR:PORT].
+    #[arg(long, env = "CTPF_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Directory TFTP also serves (files no snapshot names) [default: DATA_DIR/tftp].
+    #[arg(long, env = "CTPF_TFTP_ROOT", value_name = "DIR")]
+    pub tftp_root: Option<PathBuf>,
     #[command(flatten)]
     pub engines: EngineArgs,
     #[command(flatten)]
@@ -219,12 +285,49 @@ pub enum DatacenterCmd {
         #[arg(long = "tag")]
         tags: Vec<String>,
     },
-    /// Delete a datacenter (refused while it has hosts, unless --force).
+    /// Delete a datacenter (refused while it has hosts, SSH keys, workers or worker
+    /// credentials, unless --force).
     Delete {
         name: String,
         #[arg(long)]
         force: bool,
     },
+    /// Replace a datacenter's tags.
+    Tag {
+        name: String,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Set the DHCP role of the datacenter's distributors.
+    Dhcp {
+        name: String,
+        #[arg(long, value_enum)]
+        mode: crate::boot_flags::DhcpMode,
+        /// Addresses handed out in authoritative mode: FIRST-LAST.
+        #[arg(long, value_name = "FIRST-LAST")]
+        range: Option<String>,
+        /// Prefix length of the boot network [default: the boot interface's].
+        #[arg(long)]
+        prefix_len: Option<u8>,
+        #[arg(long)]
+        router: Option<std::net::Ipv4Addr>,
+        #[arg(long = "dns", value_delimiter = ',')]
+        dns: Vec<std::net::Ipv4Addr>,
+    },
+    /// Reserve an address for a MAC (authoritative DHCP).
+    Reserve {
+        name: String,
+        mac: String,
+        ip: std::net::Ipv4Addr,
+        #[arg(long)]
+        hostname: Option<String>,
+    },
+    /// Remove a MAC's reservation.
+    Unreserve { name: String, mac: String },
+    /// List the datacenter's reservations.
+    Reservations { name: String },
+    /// Show the snapshot its distributors serve (JSON).
+    Snapshot { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -442,12 +545,16 @@ pub async fn run(cli: Cli) -> Result<()> {
                 discovery: args.serve.discovery.clone(),
                 pxe_loader: args.boot.pxe_loader,
                 boot_service,
+                sites: Default::default(),
             };
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone())?;
             server::run_control_plane(plane, shutdown).await
         }
         Command::Manager(args) => {
+            if args.worker_lost_after == 0 {
+                bail!("--worker-lost-after must be at least 1 second");
+            }
             let engines = args.engines.engines()?;
             if engines.redis.is_none() {
                 bail!("ctpf manager runs against Redis (--redis URL); for one machine use ctpf up");
@@ -463,12 +570,18 @@ pub async fn run(cli: Cli) -> Result<()> {
                 discovery: args.serve.discovery.clone(),
                 pxe_loader: crate::boot_flags::PxeLoader::Ipxe,
                 boot_service: None,
+                sites: crate::api::sites::SiteSettings {
+                    worker_lost_after: Duration::from_secs(args.worker_lost_after),
+                },
             };
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone())?;
             server::run_control_plane(plane, shutdown).await
         }
-        Command::Worker(args) => {
+        Command::Worker(WorkerCommand { action: Some(WorkerAction::Token(cmd)), .. }) => {
+            worker_tokens(&cli, cmd).await
+        }
+        Command::Worker(WorkerCommand { action: None, run: args }) => {
             let engines = args.engines.engines()?;
             let redis = engines.redis.clone().context("ctpf worker needs --redis URL")?;
             let roles =
@@ -484,10 +597,43 @@ pub async fn run(cli: Cli) -> Result<()> {
                 tags,
                 roles,
             };
+            let token = args
+                .worker_token
+                .as_deref()
+                .map(str::parse::<ctpf_common::WorkerToken>)
+                .transpose()?;
+            let data_dir = args.data.data_dir.clone().unwrap_or_else(default_data_dir);
+            let site = site_config(args, &identity, &data_dir)?;
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone())?;
-            let data_dir = args.data.data_dir.clone().unwrap_or_else(default_data_dir);
-            server::run_worker(&redis, &engines, &data_dir, identity, shutdown).await
+            let run = server::WorkerRun { redis, engines, data_dir, identity, token, site };
+            server::run_worker(run, shutdown).await
+        }
+        Command::Workers(WorkersCmd::List { tags, datacenter }) => {
+            let mut query = tag_query(tags)?;
+            if let Some(dc) = datacenter {
+                query.push(("datacenter", Name::parse("datacenter", dc)?.to_string()));
+            }
+            let workers: Vec<ctpf_common::WorkerStatus> =
+                client(&cli)?.get("/v1/workers", &query).await?;
+            print(
+                cli.json,
+                &workers,
+                &["DATACENTER", "ID", "STATE", "ROLES", "GENERATION", "ADDRESSES", "LAST SEEN"],
+                |w| {
+                    let identity = &w.heartbeat.identity;
+                    let roles: Vec<&str> = identity.roles.iter().map(|r| r.as_str()).collect();
+                    vec![
+                        identity.datacenter.to_string(),
+                        identity.id.clone(),
+                        label(&w.state),
+                        roles.join(","),
+                        or_dash(w.heartbeat.generation),
+                        w.heartbeat.addresses.join(","),
+                        w.last_seen.to_string(),
+                    ]
+                },
+            )
         }
         Command::Datacenter(cmd) => datacenter(&cli, cmd).await,
         Command::Hosts(HostsCmd::List { tags, datacenter }) => {
@@ -591,6 +737,179 @@ async fn datacenter(cli: &Cli, cmd: &DatacenterCmd) -> Result<()> {
             let name = Name::parse("name", name)?;
             api.delete(&format!("/v1/datacenters/{name}"), &[("force", force.to_string())]).await?;
             println!("datacenter {name} deleted");
+            Ok(())
+        }
+        DatacenterCmd::Tag { name, tags } => {
+            let name = Name::parse("name", name)?;
+            let tags: ctpf_common::Tags =
+                tags.iter().map(|t| t.parse::<Tag>()).collect::<Result<_, _>>()?;
+            let patch = ctpf_common::DatacenterPatch { tags: Some(tags), dhcp: None };
+            let dc: Datacenter = api.patch(&format!("/v1/datacenters/{name}"), &patch).await?;
+            println!("datacenter {} tags: {}", dc.name, dc.tags);
+            Ok(())
+        }
+        DatacenterCmd::Dhcp { name, mode, range, prefix_len, router, dns } => {
+            let name = Name::parse("name", name)?;
+            let range = match range {
+                Some(text) => {
+                    let (first, last) = text
+                        .split_once('-')
+                        .context("--range is FIRST-LAST, e.g. 10.0.0.100-10.0.0.199")?;
+                    let parse = |ip: &str| {
+                        ip.trim()
+                            .parse::<std::net::Ipv4Addr>()
+                            .with_context(|| format!("--range: {ip:?} is not an IPv4 address"))
+                    };
+                    Some((parse(first)?, parse(last)?))
+                }
+                None => None,
+            };
+            let mode = match mode {
+                crate::boot_flags::DhcpMode::Proxy => ctpf_common::DhcpMode::Proxy,
+                crate::boot_flags::DhcpMode::Authoritative => ctpf_common::DhcpMode::Authoritative,
+                crate::boot_flags::DhcpMode::Off => ctpf_common::DhcpMode::Off,
+            };
+            let dhcp = ctpf_common::DhcpSettings {
+                mode,
+                range,
+                prefix_len: *prefix_len,
+                router: *router,
+                dns: dns.clone(),
+            };
+            dhcp.validate()?;
+            let patch = ctpf_common::DatacenterPatch { tags: None, dhcp: Some(dhcp) };
+            let dc: Datacenter = api.patch(&format!("/v1/datacenters/{name}"), &patch).await?;
+            println!("datacenter {} DHCP: {}", dc.name, label(&dc.dhcp.mode));
+            Ok(())
+        }
+        DatacenterCmd::Reserve { name, mac, ip, hostname } => {
+            let name = Name::parse("name", name)?;
+            let reservation = ctpf_common::Reservation {
+                mac: ctpf_common::MacAddr::parse("mac", mac)?,
+                ip: *ip,
+                hostname: hostname.as_deref().map(|h| Name::parse("hostname", h)).transpose()?,
+            };
+            let added: ctpf_common::Reservation =
+                api.post(&format!("/v1/datacenters/{name}/reservations"), &reservation).await?;
+            println!("{} reserved for {} in {name}", added.ip, added.mac);
+            Ok(())
+        }
+        DatacenterCmd::Unreserve { name, mac } => {
+            let name = Name::parse("name", name)?;
+            let mac = ctpf_common::MacAddr::parse("mac", mac)?;
+            api.delete(&format!("/v1/datacenters/{name}/reservations/{mac}"), &[]).await?;
+            println!("reservation of {mac} in {name} removed");
+            Ok(())
+        }
+        DatacenterCmd::Reservations { name } => {
+            let name = Name::parse("name", name)?;
+            let list: Vec<ctpf_common::Reservation> =
+                api.get(&format!("/v1/datacenters/{name}/reservations"), &[]).await?;
+            print(cli.json, &list, &["MAC", "IP", "HOSTNAME"], |r| {
+                vec![r.mac.to_string(), r.ip.to_string(), or_dash(r.hostname.as_ref())]
+            })
+        }
+        DatacenterCmd::Snapshot { name } => {
+            let name = Name::parse("name", name)?;
+            let snapshot: serde_json::Value =
+                api.get(&format!("/v1/datacenters/{name}/snapshot"), &[]).await?;
+            println!("{}", serde_json::to_string_pretty(&snapshot)?);
+            Ok(())
+        }
+    }
+}
+
+/// The distributor's side of a worker, when it has the distributor role.
+fn site_config(
+    args: &WorkerArgs,
+    identity: &WorkerIdentity,
+    data_dir: &std::path::Path,
+) -> Result<Option<ctpf_distributors::site::SiteConfig>> {
+    if !identity.roles.contains(&Role::Distributor) {
+        let stray = [
+            ("--boot-interface", args.boot_interface.is_some()),
+            ("--http-listen", args.http_listen.is_some()),
+            ("--public-url", args.public_url.is_some()),
+            ("--tftp-root", args.tftp_root.is_some()),
+        ];
+        if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
+            bail!("{flag} is for workers with the distributor role");
+        }
+        return Ok(None);
+    }
+    let boot_interface = match &args.boot_interface {
+        Some(name) => {
+            let (address, netmask) = crate::boot_flags::interface_ipv4(name)?;
+            Some(ctpf_distributors::site::BootInterface { name: name.clone(), address, netmask })
+        }
+        None => None,
+    };
+    let http_listen = args.http_listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
+    let public_url = match (&args.public_url, &boot_interface) {
+        (Some(url), _) => url.clone(),
+        (None, Some(interface)) => format!("http://{}:{}", interface.address, http_listen.port()),
+        (None, None) if !http_listen.ip().is_unspecified() => format!("http://{http_listen}"),
+        (None, None) => bail!("a distributor without --boot-interface needs --public-url"),
+    };
+    let tftp_root = match &args.tftp_root {
+        Some(root) => root.clone(),
+        None => {
+            let root = data_dir.join("tftp");
+            std::fs::create_dir_all(&root)
+                .with_context(|| format!("creating the TFTP root {}", root.display()))?;
+            root
+        }
+    };
+    Ok(Some(ctpf_distributors::site::SiteConfig {
+        datacenter: identity.datacenter.clone(),
+        worker_id: identity.id.clone(),
+        data_dir: data_dir.to_owned(),
+        boot_interface,
+        http_listen,
+        public_url,
+        tftp_root,
+    }))
+}
+
+async fn worker_tokens(cli: &Cli, cmd: &WorkerTokenCmd) -> Result<()> {
+    let api = client(cli)?;
+    match cmd {
+        WorkerTokenCmd::Create { datacenter } => {
+            let body = serde_json::json!({ "datacenter": Name::parse("datacenter", datacenter)? });
+            let issued: serde_json::Value = api.post("/v1/worker-credentials", &body).await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&issued)?);
+            } else {
+                let token = issued["token"].as_str().context("the answer has no token")?;
+                eprintln!(
+                    "worker credential {} for datacenter {datacenter} (shown once):",
+                    issued["id"].as_str().unwrap_or("?")
+                );
+                println!("{token}");
+            }
+            Ok(())
+        }
+        WorkerTokenCmd::List { datacenter } => {
+            let mut query = Vec::new();
+            if let Some(dc) = datacenter {
+                query.push(("datacenter", Name::parse("datacenter", dc)?.to_string()));
+            }
+            let list: Vec<ctpf_common::WorkerCredential> =
+                api.get("/v1/worker-credentials", &query).await?;
+            print(cli.json, &list, &["ID", "DATACENTER", "CREATED", "REVOKED"], |c| {
+                vec![
+                    c.id.clone(),
+                    c.datacenter.to_string(),
+                    c.created_at.to_string(),
+                    or_dash(c.revoked_at),
+                ]
+            })
+        }
+        WorkerTokenCmd::Revoke { id } => {
+            let revoked: ctpf_common::WorkerCredential = api
+                .post(&format!("/v1/worker-credentials/{id}/revoke"), &serde_json::json!({}))
+                .await?;
+            println!("worker credential {} revoked", revoked.id);
             Ok(())
         }
     }
@@ -772,7 +1091,8 @@ async fn jobs(cli: &Cli, cmd: &JobsCmd) -> Result<()> {
                         },
                         j.attempts.to_string(),
                         or_dash(j.worker.as_ref()),
-                        or_dash(j.error.as_ref()),
+                        // A queued job no live worker would take says so here.
+                        or_dash(j.error.as_ref().or(j.waiting_for.as_ref())),
                     ]
                 },
             )

@@ -124,7 +124,7 @@ pub async fn ingest_reports(registry: Registry, consumer: String, stop: Cancella
         let mut applied = Vec::with_capacity(reports.len());
         let mut failed = false;
         for report in reports {
-            match registry.apply_report(report.event).await {
+            match registry.apply_report_from(report.event, report.datacenter.as_ref()).await {
                 Ok(_) => applied.push(report.receipt),
                 Err(e) => {
                     // Leave it unacknowledged; it comes back on the next read.
@@ -233,6 +233,53 @@ pub struct ControlPlane {
     /// DHCP and TFTP on the boot interface (`ctpf up --boot-interface`). Its boot URLs are
     /// set here once the API is bound, because its port may only be known then.
     pub boot_service: Option<BootServiceConfig>,
+    /// How workers are judged (lost after how long).
+    pub sites: api::sites::SiteSettings,
+}
+
+/// Publishes each datacenter's snapshot when something changed (at once for changes made
+/// through this manager, within [`SNAPSHOT_RECHECK`] for anything else, such as another
+/// manager's changes or a Redis that lost the published snapshot).
+pub async fn publish_snapshots(
+    registry: Registry,
+    settings: ctpf_registries::SnapshotSettings,
+    stop: CancellationToken,
+) {
+    let mut changes = registry.changes();
+    loop {
+        changes.borrow_and_update();
+        if let Err(e) = registry.publish_snapshots(&settings).await {
+            tracing::warn!(error = %e, "cannot publish snapshots; retrying");
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = tokio::time::sleep(SNAPSHOT_RECHECK) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// How often the manager looks for changes it was not told about.
+const SNAPSHOT_RECHECK: Duration = Duration::from_secs(5);
+/// How often worker credentials are handed to the bus again (a restarted Redis without an
+/// ACL file forgets them) and worker health is looked at.
+const WORKER_CHECK: Duration = Duration::from_secs(2);
+
+/// Keeps the bus's worker credentials in line with the registry and records workers
+/// joining, going silent and coming back.
+pub async fn watch_workers(registry: Registry, lost_after: Duration, stop: CancellationToken) {
+    loop {
+        if let Err(e) = registry.authorize_workers().await {
+            tracing::warn!(error = %e, "cannot hand worker credentials to the bus; retrying");
+        }
+        if let Err(e) = registry.observe_workers(lost_after).await {
+            tracing::warn!(error = %e, "cannot look at worker health; retrying");
+        }
+        tokio::select! {
+            () = tokio::time::sleep(WORKER_CHECK) => {}
+            () = stop.cancelled() => return,
+        }
+    }
 }
 
 pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken) -> Result<()> {
@@ -274,6 +321,10 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
     let stop_ingest = CancellationToken::new();
     let consumer = format!("manager-{}", std::process::id());
     let ingest = tokio::spawn(ingest_reports(registry.clone(), consumer, stop_ingest.clone()));
+    let snapshot_settings =
+        ctpf_registries::SnapshotSettings { discovery_cmdline: discovery_cmdline.clone() };
+    tokio::spawn(publish_snapshots(registry.clone(), snapshot_settings, shutdown.clone()));
+    tokio::spawn(watch_workers(registry.clone(), plane.sites.worker_lost_after, shutdown.clone()));
     let has_local_builder =
         plane.local_worker.as_ref().is_some_and(|w| w.roles.contains(&ctpf_common::Role::Builder));
     let worker = match plane.local_worker {
@@ -289,6 +340,12 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
                 None
             };
             let lease = plane.engines.bus.lease;
+            tokio::spawn(ctpf_distributors::heartbeat::run(
+                bus.clone(),
+                heartbeat_of(&identity, Vec::new()),
+                || None,
+                shutdown.clone(),
+            ));
             let mut config = WorkerConfig::new(identity, lease, builder);
             config.packager = packager;
             Some(tokio::spawn(ctpf_distributors::jobs::run(config, bus.clone(), shutdown.clone())))
@@ -365,7 +422,8 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
     };
     let boot =
         api::boot::BootSettings { base_url, datacenter: plane.boot_datacenter, discovery_cmdline };
-    let state = AppState { registry, artifacts, shutdown: shutdown.clone(), boot };
+    let state =
+        AppState { registry, artifacts, shutdown: shutdown.clone(), boot, sites: plane.sites };
     let served = serve_api(listener, state, shutdown.clone()).await;
     // Stop in order: no new requests, the local worker finishes its job and reports, then the
     // report loop applies what is left before the process exits.
@@ -405,47 +463,119 @@ fn open_packager(data_dir: &Path, artifacts: Arc<dyn ArtifactStore>) -> Result<P
     Ok(Packager::new(config, artifacts)?)
 }
 
-pub async fn run_worker(
-    redis: &str,
-    engines: &Engines,
-    data_dir: &Path,
-    identity: WorkerIdentity,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let bus = Arc::new(
-        RedisBus::connect_with_namespace(redis, &engines.namespace, engines.bus.clone())
+/// What a worker announces about itself.
+fn heartbeat_of(identity: &WorkerIdentity, addresses: Vec<String>) -> ctpf_common::WorkerHeartbeat {
+    ctpf_common::WorkerHeartbeat {
+        identity: identity.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        addresses,
+        generation: None,
+        started_at: ctpf_common::OffsetDateTime::now_utc(),
+    }
+}
+
+/// A worker process: how it reaches the bus and what it serves.
+#[derive(Debug)]
+pub struct WorkerRun {
+    pub redis: String,
+    pub engines: Engines,
+    pub data_dir: PathBuf,
+    pub identity: WorkerIdentity,
+    /// A site worker's credential (`ctpf worker token create`); without one the worker uses
+    /// the Redis URL's own user and is trusted like the manager.
+    pub token: Option<ctpf_common::WorkerToken>,
+    /// The distributor's network side (distributor role only).
+    pub site: Option<ctpf_distributors::site::SiteConfig>,
+}
+
+pub async fn run_worker(run: WorkerRun, shutdown: CancellationToken) -> Result<()> {
+    let WorkerRun { redis, engines, data_dir, identity, token, site } = run;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let bus: Arc<dyn Bus> = Arc::new(match &token {
+        Some(token) => RedisBus::connect_as_worker(
+            &redis,
+            &engines.namespace,
+            &identity.datacenter,
+            &token.id,
+            &token.secret,
+            engines.bus.clone(),
+        )
+        .await
+        .with_context(|| format!("connecting to Redis at {redis} as worker {}", token.id))?,
+        None => RedisBus::connect_with_namespace(&redis, &engines.namespace, engines.bus.clone())
             .await
             .with_context(|| format!("connecting to Redis at {redis}"))?,
-    );
+    });
     let roles = &identity.roles;
     let stores =
         roles.contains(&ctpf_common::Role::Builder) || roles.contains(&ctpf_common::Role::Packager);
-    let artifacts = if stores {
-        if engines.s3.is_none() {
-            bail!(
-                "a worker with the builder or packager role stores its output in S3: pass --s3 URL"
-            );
-        }
-        Some(open_artifacts(data_dir, engines).await?)
-    } else {
-        None
+    let artifacts = match &engines.s3 {
+        Some(_) => Some(open_artifacts(&data_dir, &engines).await?),
+        None if stores => bail!(
+            "a worker with the builder or packager role stores its output in S3: pass --s3 URL"
+        ),
+        None => None,
     };
     let builder = match &artifacts {
         Some(artifacts) if roles.contains(&ctpf_common::Role::Builder) => {
-            Some(open_builder(data_dir, artifacts.clone())?)
+            Some(open_builder(&data_dir, artifacts.clone())?)
         }
         _ => None,
     };
     let packager = match &artifacts {
         Some(artifacts) if roles.contains(&ctpf_common::Role::Packager) => {
-            Some(open_packager(data_dir, artifacts.clone())?)
+            Some(open_packager(&data_dir, artifacts.clone())?)
         }
         _ => None,
     };
+
+    let mut tasks = tokio::task::JoinSet::new();
+    let addresses: Vec<String> =
+        site.iter().flat_map(|s| s.boot_interface.iter().map(|i| i.address.to_string())).collect();
+    let holder = match &site {
+        Some(site) => Some(Arc::new(
+            ctpf_distributors::site::SnapshotHolder::open(
+                identity.datacenter.clone(),
+                &site.data_dir,
+                artifacts.clone(),
+            )
+            .await?,
+        )),
+        None => None,
+    };
+    {
+        let holder = holder.clone();
+        let generation = move || holder.as_ref().map(|h| h.generation()).filter(|g| *g > 0);
+        let beat = heartbeat_of(&identity, addresses);
+        let (bus, stop) = (bus.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            ctpf_distributors::heartbeat::run(bus, beat, generation, stop).await;
+            Ok(())
+        });
+    }
+    if let (Some(site), Some(holder)) = (site, holder) {
+        let (bus, stop) = (bus.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            let served = ctpf_distributors::site::run(site, holder, bus, stop.clone()).await;
+            // The worker is no use to its site without its distributor.
+            stop.cancel();
+            served.context("the distributor stopped")
+        });
+    }
     println!("worker {} ready (datacenter {})", identity.id, identity.datacenter);
     let lease = engines.bus.lease;
     let mut config = WorkerConfig::new(identity, lease, builder);
     config.packager = packager;
-    ctpf_distributors::jobs::run(config, bus, shutdown).await;
-    Ok(())
+    ctpf_distributors::jobs::run(config, bus, shutdown.clone()).await;
+    shutdown.cancel();
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Err(e)) if result.is_ok() => result = Err(e),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "a worker task panicked"),
+        }
+    }
+    result
 }

@@ -39,7 +39,13 @@ async fn api() -> Api {
         datacenter: "local".parse().unwrap(),
         discovery_cmdline: String::new(),
     };
-    let (router, spec) = router_and_spec(AppState { registry, artifacts, shutdown, boot });
+    let (router, spec) = router_and_spec(AppState {
+        registry,
+        artifacts,
+        shutdown,
+        boot,
+        sites: Default::default(),
+    });
     Api { router, spec, token, _dir: dir }
 }
 
@@ -357,7 +363,11 @@ async fn jobs_and_events_round_trip() {
     assert_eq!(status, StatusCode::CREATED, "{job}");
     assert_eq!(job["status"], "queued");
     let uri = format!("/v1/jobs/{}", job["id"].as_str().unwrap());
-    assert_eq!(api.call(Method::GET, &uri, None).await.1, job);
+    // No worker heartbeats in this test: the job says what it waits for.
+    let (_, mut shown) = api.call(Method::GET, &uri, None).await;
+    assert_eq!(shown["waiting_for"], "no live worker matches datacenter=home");
+    shown.as_object_mut().unwrap().remove("waiting_for");
+    assert_eq!(shown, job);
     api.call(Method::POST, "/v1/jobs", Some(json!({"spec": {"kind": "probe"}}))).await;
     let list = |q: &'static str| api.call(Method::GET, q, None);
     assert_eq!(count(&list("/v1/jobs").await.1), 2);
@@ -371,6 +381,69 @@ async fn jobs_and_events_round_trip() {
     assert_eq!(count(&list("/v1/events?tag=site=flat").await.1), 2);
     assert_eq!(count(&list("/v1/events?after=2").await.1), 1);
     assert_eq!(count(&list("/v1/events?after=3&wait=1").await.1), 0);
+}
+
+#[tokio::test]
+async fn datacenters_carry_dhcp_settings_reservations_and_worker_credentials() {
+    let api = api().await;
+    api.call(Method::POST, "/v1/datacenters", Some(json!({"name": "dc-a"}))).await;
+    let dhcp = json!({"dhcp": {"mode": "authoritative", "range": ["10.9.0.100", "10.9.0.199"]}});
+    let (status, dc) = api.call(Method::PATCH, "/v1/datacenters/dc-a", Some(dhcp)).await;
+    assert_eq!(status, StatusCode::OK, "{dc}");
+    assert_eq!(dc["dhcp"]["mode"], "authoritative");
+    let backwards = json!({"dhcp": {"mode": "authoritative", "range": ["10.9.0.9", "10.9.0.1"]}});
+    assert_invalid(
+        api.call(Method::PATCH, "/v1/datacenters/dc-a", Some(backwards)).await,
+        "dhcp.range",
+    );
+    let typo = json!({"dhcp": {"mode": "authoritative", "rnage": []}});
+    assert_eq!(
+        api.call(Method::PATCH, "/v1/datacenters/dc-a", Some(typo)).await.0,
+        StatusCode::BAD_REQUEST
+    );
+
+    let reserve = |mac: &str, ip: &str| json!({"mac": mac, "ip": ip});
+    let uri = "/v1/datacenters/dc-a/reservations";
+    let (status, _) =
+        api.call(Method::POST, uri, Some(reserve("52:54:00:00:00:01", "10.9.0.5"))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let (status, taken) =
+        api.call(Method::POST, uri, Some(reserve("52:54:00:00:00:02", "10.9.0.5"))).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{taken}");
+    assert_invalid(api.call(Method::POST, uri, Some(reserve("nope", "10.9.0.6"))).await, "mac");
+    assert_eq!(count(&api.call(Method::GET, uri, None).await.1), 1);
+    let one = "/v1/datacenters/dc-a/reservations/52:54:00:00:00:01";
+    assert_eq!(api.call(Method::DELETE, one, None).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(api.call(Method::DELETE, one, None).await.0, StatusCode::NOT_FOUND);
+    // Published by the manager's publisher, which this router-only test does not run.
+    assert_eq!(
+        api.call(Method::GET, "/v1/datacenters/dc-a/snapshot", None).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    let (status, issued) =
+        api.call(Method::POST, "/v1/worker-credentials", Some(json!({"datacenter": "dc-a"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{issued}");
+    assert!(issued["token"].as_str().unwrap().starts_with("ctpf_wk_"));
+    let (_, listed) = api.call(Method::GET, "/v1/worker-credentials?datacenter=dc-a", None).await;
+    assert_eq!(count(&listed), 1);
+    assert!(listed.to_string().find("token").is_none(), "listing never shows the secret: {listed}");
+    let ghost = json!({"datacenter": "nowhere"});
+    assert_eq!(
+        api.call(Method::POST, "/v1/worker-credentials", Some(ghost)).await.0,
+        StatusCode::NOT_FOUND
+    );
+    let (status, _) = api.call(Method::DELETE, "/v1/datacenters/dc-a", None).await;
+    assert_eq!(status, StatusCode::CONFLICT, "a live credential keeps the datacenter");
+    let revoke = format!("/v1/worker-credentials/{}/revoke", issued["id"].as_str().unwrap());
+    let (status, revoked) = api.call(Method::POST, &revoke, None).await;
+    assert_eq!(status, StatusCode::OK, "{revoked}");
+    assert!(revoked["revoked_at"].is_string());
+    assert_eq!(api.call(Method::GET, "/v1/workers", None).await.1, json!([]));
+    assert_eq!(
+        api.call(Method::DELETE, "/v1/datacenters/dc-a", None).await.0,
+        StatusCode::NO_CONTENT
+    );
 }
 
 #[tokio::test]

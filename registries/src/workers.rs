@@ -253,6 +253,35 @@ impl Registry {
         Ok(statuses)
     }
 
+    /// Fills in `waiting_for` on queued jobs that no live worker would take, so a job stuck
+    /// for want of a matching worker says so.
+    pub async fn annotate_waiting(
+        &self,
+        jobs: &mut [ctpf_common::Job],
+        lost_after: Duration,
+    ) -> Result<(), RegistryError> {
+        if !jobs.iter().any(|j| j.status == ctpf_common::JobStatus::Queued) {
+            return Ok(());
+        }
+        let alive: Vec<WorkerStatus> = self
+            .workers(&Filter::default(), lost_after)
+            .await?
+            .into_iter()
+            .filter(|w| w.state == WorkerState::Alive)
+            .collect();
+        for job in jobs.iter_mut().filter(|j| j.status == ctpf_common::JobStatus::Queued) {
+            let taken = alive.iter().any(|w| w.heartbeat.identity.accepts(&job.selector));
+            job.waiting_for = (!taken).then(|| {
+                if job.selector.tags().is_empty() {
+                    "no live worker".to_owned()
+                } else {
+                    format!("no live worker matches {}", job.selector)
+                }
+            });
+        }
+        Ok(())
+    }
+
     /// Forgets `datacenter`'s workers and revokes its credentials (its forced deletion).
     pub(crate) async fn retire_datacenter_workers(
         &self,

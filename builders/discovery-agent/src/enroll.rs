@@ -55,6 +55,9 @@ pub struct Enrolled {
     /// False when the server already knew the machine (a re-enrollment).
     #[serde(skip)]
     pub created: bool,
+    /// A site worker queued the callback for the manager (HTTP 202); `id` is not a host id.
+    #[serde(default)]
+    pub queued: bool,
 }
 
 /// Why enrollment ended without a host.
@@ -147,11 +150,12 @@ fn attempt(agent: &ureq::Agent, url: &str, token: &str, body: &[u8]) -> Attempt 
     classify(status, &text)
 }
 
-/// What a status and body mean for the agent.
+/// What a status and body mean for the agent. 202: a site worker took the callback and
+/// queued it for the manager (it may be unreachable); the host id comes later.
 fn classify(status: u16, text: &str) -> Attempt {
     match status {
-        200 | 201 => match serde_json::from_str::<Enrolled>(text) {
-            Ok(enrolled) => Attempt::Done(Enrolled { created: status == 201, ..enrolled }),
+        200..=202 => match serde_json::from_str::<Enrolled>(text) {
+            Ok(enrolled) => Attempt::Done(Enrolled { created: status != 200, ..enrolled }),
             Err(err) => Attempt::Fatal(EnrollError::BadResponse {
                 status,
                 message: format!("{err}: {}", excerpt(text)),
@@ -209,6 +213,8 @@ mod tests {
         let host = r#"{"id":"0190a1b2-0000-7000-8000-000000000001","datacenter":"fra1","state":"discovered"}"#;
         assert!(matches!(classify(201, host), Attempt::Done(Enrolled { created: true, .. })));
         assert!(matches!(classify(200, host), Attempt::Done(Enrolled { created: false, .. })));
+        let queued = r#"{"id":"queued","datacenter":"dc-a","queued":true}"#;
+        assert!(matches!(classify(202, queued), Attempt::Done(Enrolled { created: true, .. })));
         assert!(matches!(classify(200, "<html>"), Attempt::Fatal(EnrollError::BadResponse { .. })));
         assert!(matches!(classify(503, ""), Attempt::Retry(_)));
         for status in [400, 401, 403, 404, 302] {

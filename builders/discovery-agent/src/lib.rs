@@ -87,6 +87,14 @@ pub fn enroll_machine(config: &Config, out: &mut dyn Write) -> Result<Enrolled, 
     say(out, &summary(&report));
     say(out, &format!("enrolling at {}", params.url));
     let enrolled = enroll::enroll(&params, &report, &config.retry, out)?;
+    if enrolled.queued {
+        // A site worker answered: the manager gets the callback when it can be reached.
+        say(
+            out,
+            &format!("callback queued by the site's worker for datacenter {}", enrolled.datacenter),
+        );
+        return Ok(enrolled);
+    }
     if !enrolled.created {
         say(out, "the server already knew this machine; its host record was updated");
     }

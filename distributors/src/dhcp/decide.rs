@@ -59,6 +59,18 @@ pub struct BootConfig {
 }
 
 impl BootConfig {
+    /// iPXE boot files, with iPXE itself sent to `{base_url}/boot.ipxe` and UEFI HTTP boot
+    /// clients to `{base_url}/ipxe.efi` (arm64: `ipxe-arm64.efi`).
+    pub fn ipxe_chain(server_ip: Ipv4Addr, base_url: &str) -> Self {
+        let base = base_url.trim_end_matches('/');
+        Self {
+            http_boot_url_x64: format!("{base}/ipxe.efi"),
+            http_boot_url_arm64: format!("{base}/ipxe-arm64.efi"),
+            ipxe_script_url: Some(format!("{base}/boot.ipxe")),
+            ..Self::standard(server_ip, 0)
+        }
+    }
+
     /// Boot files are GRUB images (ctpf-built, with the config embedded): `core.0` for BIOS,
     /// `grubx64.efi`/`grubaa64.efi` for UEFI, also over HTTP boot; iPXE ROMs get them too.
     pub fn with_grub(self, base_url: &str) -> Self {

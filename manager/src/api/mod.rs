@@ -35,6 +35,7 @@ mod error;
 mod extract;
 mod media_keys;
 mod packages;
+pub mod sites;
 
 pub use error::ApiError;
 use error::ErrorBody;
@@ -48,6 +49,7 @@ pub struct AppState {
     /// Cancelled at shutdown; long polls return early instead of holding the exit up.
     pub shutdown: CancellationToken,
     pub boot: boot::BootSettings,
+    pub sites: sites::SiteSettings,
 }
 
 #[derive(OpenApi)]
@@ -73,7 +75,13 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let (router, spec) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health))
         .routes(routes!(list_datacenters, create_datacenter))
-        .routes(routes!(get_datacenter, delete_datacenter))
+        .routes(routes!(get_datacenter, delete_datacenter, sites::update_datacenter))
+        .routes(routes!(sites::list_reservations, sites::add_reservation))
+        .routes(routes!(sites::remove_reservation))
+        .routes(routes!(sites::get_snapshot))
+        .routes(routes!(sites::list_workers))
+        .routes(routes!(sites::list_worker_credentials, sites::create_worker_credential))
+        .routes(routes!(sites::revoke_worker_credential))
         .routes(routes!(list_hosts, create_host))
         .routes(routes!(get_host, update_host, delete_host))
         .routes(routes!(list_keys, add_key))
@@ -199,7 +207,8 @@ async fn get_datacenter(
     Ok(Json(s.registry.datacenter(&name).await?))
 }
 
-/// Deletes a datacenter; refused (409) while it has hosts unless `force=true`.
+/// Deletes a datacenter; refused (409) while it has hosts, SSH keys, workers or worker
+/// credentials unless `force=true` (which deletes or revokes them too).
 #[utoipa::path(delete, path = "/v1/datacenters/{name}", tag = "datacenters",
     params(("name" = String, Path), ("force" = Option<bool>, Query)),
     responses((status = 204), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
@@ -430,7 +439,9 @@ async fn download_blob(
     responses((status = 200, body = Vec<Job>), (status = 400, body = ErrorBody)))]
 async fn list_jobs(State(s): State<AppState>, q: ListQuery) -> Result<Json<Vec<Job>>, ApiError> {
     let q = q.only(&[])?;
-    Ok(Json(s.registry.jobs(&q.filter).await?))
+    let mut jobs = s.registry.jobs(&q.filter).await?;
+    s.registry.annotate_waiting(&mut jobs, s.sites.worker_lost_after).await?;
+    Ok(Json(jobs))
 }
 
 /// Submits a job; it waits until a worker whose tags match its selector takes it.
@@ -446,7 +457,10 @@ async fn submit_job(
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, body = Job), (status = 404, body = ErrorBody)))]
 async fn get_job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
-    Ok(Json(s.registry.job(parse_uuid("id", &id)?).await?))
+    let mut job = [s.registry.job(parse_uuid("id", &id)?).await?];
+    s.registry.annotate_waiting(&mut job, s.sites.worker_lost_after).await?;
+    let [job] = job;
+    Ok(Json(job))
 }
 
 /// Asks a queued or running job to stop. A queued job is cancelled at once; a running one
