@@ -18,9 +18,11 @@ use async_trait::async_trait;
 use ctpf_common::{JobSpec, Name, NewEvent, TagSelector, Uuid, WorkerHeartbeat, WorkerIdentity};
 use serde::{Deserialize, Serialize};
 
+mod lazy;
 mod memory;
 mod redis_bus;
 
+pub use lazy::LazyBus;
 pub use memory::MemoryBus;
 pub use redis_bus::RedisBus;
 
@@ -122,6 +124,9 @@ pub enum BusError {
     /// datacenter, or a revoked credential).
     #[error("not allowed with these credentials: {0}")]
     Denied(String),
+    /// Not connected (yet): Redis could not be reached.
+    #[error("the bus is unreachable: {0}")]
+    Unreachable(String),
 }
 
 impl From<redis::RedisError> for BusError {

@@ -194,7 +194,7 @@ pub struct ManagerArgs {
 }
 
 #[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct WorkerCommand {
     #[command(subcommand)]
     pub action: Option<WorkerAction>,
@@ -238,9 +238,9 @@ pub enum WorkersCmd {
 
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// The datacenter this worker serves.
+    /// The datacenter this worker serves (required to run a worker).
     #[arg(long, env = "CTPF_DATACENTER")]
-    pub datacenter: String,
+    pub datacenter: Option<String>,
     /// Extra routing tags (k=v), repeatable.
     #[arg(long = "tag", env = "CTPF_TAGS", value_delimiter = ',')]
     pub tags: Vec<String>,
@@ -593,7 +593,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .unwrap_or_else(|| "worker".into());
             let identity = WorkerIdentity {
                 id: args.id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id())),
-                datacenter: Name::parse("datacenter", &args.datacenter)?,
+                datacenter: Name::parse(
+                    "datacenter",
+                    args.datacenter.as_deref().context("ctpf worker needs --datacenter NAME")?,
+                )?,
                 tags,
                 roles,
             };

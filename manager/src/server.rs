@@ -474,6 +474,53 @@ fn heartbeat_of(identity: &WorkerIdentity, addresses: Vec<String>) -> ctpf_commo
     }
 }
 
+/// The worker's bus. A refused credential stops the worker at once; an unreachable Redis
+/// does not: the worker starts (a distributor serves its stored snapshot) and connects when
+/// Redis is back.
+async fn connect_worker_bus(
+    redis: &str,
+    engines: &Engines,
+    identity: &WorkerIdentity,
+    token: Option<&ctpf_common::WorkerToken>,
+) -> Result<Arc<dyn Bus>> {
+    let connect = {
+        let (redis, namespace, config) =
+            (redis.to_owned(), engines.namespace.clone(), engines.bus.clone());
+        let (datacenter, token) = (identity.datacenter.clone(), token.cloned());
+        move || {
+            let (redis, namespace, config) = (redis.clone(), namespace.clone(), config.clone());
+            let (datacenter, token) = (datacenter.clone(), token.clone());
+            async move {
+                let bus = match &token {
+                    Some(t) => {
+                        RedisBus::connect_as_worker(
+                            &redis,
+                            &namespace,
+                            &datacenter,
+                            &t.id,
+                            &t.secret,
+                            config,
+                        )
+                        .await?
+                    }
+                    None => RedisBus::connect_with_namespace(&redis, &namespace, config).await?,
+                };
+                Ok(Arc::new(bus) as Arc<dyn Bus>)
+            }
+        }
+    };
+    match connect().await {
+        Ok(bus) => Ok(bus),
+        Err(e @ ctpf_bus::BusError::Denied(_)) => {
+            Err(e).with_context(|| format!("connecting to Redis at {redis}"))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, %redis, "Redis is unreachable; starting anyway and connecting when it is back");
+            Ok(Arc::new(ctpf_bus::LazyBus::new(connect, true)))
+        }
+    }
+}
+
 /// A worker process: how it reaches the bus and what it serves.
 #[derive(Debug)]
 pub struct WorkerRun {
@@ -492,21 +539,7 @@ pub async fn run_worker(run: WorkerRun, shutdown: CancellationToken) -> Result<(
     let WorkerRun { redis, engines, data_dir, identity, token, site } = run;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
-    let bus: Arc<dyn Bus> = Arc::new(match &token {
-        Some(token) => RedisBus::connect_as_worker(
-            &redis,
-            &engines.namespace,
-            &identity.datacenter,
-            &token.id,
-            &token.secret,
-            engines.bus.clone(),
-        )
-        .await
-        .with_context(|| format!("connecting to Redis at {redis} as worker {}", token.id))?,
-        None => RedisBus::connect_with_namespace(&redis, &engines.namespace, engines.bus.clone())
-            .await
-            .with_context(|| format!("connecting to Redis at {redis}"))?,
-    });
+    let bus = connect_worker_bus(&redis, &engines, &identity, token.as_ref()).await?;
     let roles = &identity.roles;
     let stores =
         roles.contains(&ctpf_common::Role::Builder) || roles.contains(&ctpf_common::Role::Packager);

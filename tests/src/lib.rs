@@ -256,6 +256,24 @@ impl CtpfProcess {
         self.api.as_deref().unwrap_or_default()
     }
 
+    /// Waits up to `limit` for a stdout line (printed after start-up) containing `text`.
+    pub fn wait_for_output(&mut self, text: &str, limit: Duration) -> Result<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left.min(Duration::from_millis(200))) {
+                Ok(line) if line.contains(text) => return Ok(line),
+                Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    bail!("ctpf exited before printing {text:?}:\n{}", self.log_text());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("ctpf did not print {text:?} within {limit:?}:\n{}", self.log_text());
+            }
+        }
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }

@@ -1,0 +1,349 @@
+//! Datacenters as sites: `ctpf manager` on a real redis-server and one `ctpf worker` per
+//! datacenter, each with its own credential and its own boot network (a veth whose far end is
+//! in a namespace of the test's, where busybox udhcpc plays the booting machine).
+//!
+//! - A reservation added to dc-a reaches only dc-a's worker: its DHCP answers the MAC with the
+//!   reserved address, dc-b's hands the same MAC an ordinary one.
+//! - A dc-a credential does not work for dc-b.
+//! - With the manager and Redis stopped, a restarted dc-a worker serves DHCP and HTTP boot
+//!   from the snapshot on its disk and takes a machine's callback; the callback reaches the
+//!   registries once Redis and the manager are back.
+//!
+//! Needs root, iproute2 and busybox (`.ci/run` installs them).
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly by design.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::PermissionsExt as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ctpf_e2e::{CtpfProcess, Netns, RedisServer, UpAdmin, free_port, unique_suffix};
+use serde_json::Value;
+
+/// One site's boot network: a veth whose worker end is in the root namespace (the worker
+/// binds it by device, as on a real site's LAN port) and whose machine end is in a namespace
+/// of the test's own.
+struct BootNet {
+    client: Netns,
+    server_if: String,
+    client_if: String,
+    prefix: String,
+}
+
+impl BootNet {
+    fn create(subnet: u8, mac: &str) -> Self {
+        let suffix = unique_suffix();
+        let (server_if, client_if) = (format!("vsw{suffix}"), format!("vsc{suffix}"));
+        let client = Netns::create("ctpf-site").unwrap();
+        // Created inside the client namespace, then the server end is moved out to the root
+        // namespace: deleting the namespace deletes both ends.
+        client
+            .ip(&["link", "add", &client_if, "type", "veth", "peer", "name", &server_if])
+            .unwrap();
+        client.ip(&["link", "set", "dev", &client_if, "address", mac]).unwrap();
+        client.ip(&["link", "set", &server_if, "netns", "1"]).unwrap();
+        let prefix = format!("10.79.{subnet}");
+        run(Command::new("ip").args(["addr", "add", &format!("{prefix}.1/24"), "dev", &server_if]));
+        run(Command::new("ip").args(["link", "set", &server_if, "up"]));
+        client.ip(&["link", "set", &client_if, "up"]).unwrap();
+        // For HTTP from the machine's side (udhcpc's script only records its lease).
+        client.ip(&["addr", "add", &format!("{prefix}.200/24"), "dev", &client_if]).unwrap();
+        Self { client, server_if, client_if, prefix }
+    }
+
+    /// One DHCP exchange from the machine's side; the address it was offered, or `None`.
+    fn dhcp(&self, dir: &Path) -> Option<String> {
+        let result = dir.join(format!("lease-{}", self.client_if));
+        let _ = std::fs::remove_file(&result);
+        let script = dir.join("udhcpc.sh");
+        std::fs::write(
+            &script,
+            "#!/bin/sh\n[ \"$1\" = bound ] || exit 0\nprintf '%s' \"$ip\" > \"$LEASE_FILE\"\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let status = Command::new("timeout")
+            .arg("60")
+            .args(["ip", "netns", "exec", self.client.name(), "busybox", "udhcpc"])
+            .args(["-i", &self.client_if, "-f", "-q", "-n", "-t", "4", "-T", "1"])
+            .arg("-s")
+            .arg(&script)
+            .env("LEASE_FILE", &result)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        status.success().then(|| std::fs::read_to_string(&result).unwrap())
+    }
+
+    /// An HTTP request from the machine's side (busybox wget); the body, or `None`.
+    fn http_get(&self, url: &str) -> Option<String> {
+        let out = Command::new("timeout")
+            .arg("30")
+            .args([
+                "ip",
+                "netns",
+                "exec",
+                self.client.name(),
+                "busybox",
+                "wget",
+                "-q",
+                "-O",
+                "-",
+                url,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+struct Manager {
+    dir: tempfile::TempDir,
+    redis: RedisServer,
+    admin: UpAdmin,
+}
+
+impl Manager {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let redis = RedisServer::start().unwrap();
+        let process = Self::spawn(&dir, &redis, "manager.log");
+        let admin = UpAdmin::new(process, &dir.path().join("data")).unwrap();
+        Self { dir, redis, admin }
+    }
+
+    fn spawn(dir: &tempfile::TempDir, redis: &RedisServer, log: &str) -> CtpfProcess {
+        let data = dir.path().join("data");
+        let url = redis.url();
+        let args = ["manager", "--redis", &url, "--data-dir", data.to_str().unwrap()];
+        let args = [&args[..], &["--listen", "127.0.0.1:0", "--worker-lost-after", "6"]].concat();
+        CtpfProcess::start(&args, &[], dir.path().join(log), "listening on").unwrap()
+    }
+
+    fn restart(&mut self) {
+        let process = Self::spawn(&self.dir, &self.redis, "manager-2.log");
+        self.admin = UpAdmin::new(process, &self.dir.path().join("data")).unwrap();
+    }
+
+    fn text(&self, args: &[&str]) -> String {
+        String::from_utf8(self.admin.cli(args)).unwrap()
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        let out = self.admin.cli(&all);
+        serde_json::from_slice(&out).unwrap_or_else(|e| {
+            panic!("ctpf {all:?} printed no JSON ({e}): {}", String::from_utf8_lossy(&out))
+        })
+    }
+
+    /// A worker of `datacenter` with its boot interface on `net`, and its HTTP boot URL;
+    /// returns once its boot service is bound (it has a snapshot).
+    fn worker(
+        &self,
+        id: &str,
+        datacenter: &str,
+        token: &str,
+        net: &BootNet,
+    ) -> (CtpfProcess, String) {
+        let data = self.dir.path().join(format!("{id}-data"));
+        let listen = format!("{}.1:{}", net.prefix, free_port().unwrap());
+        let url = self.redis.url();
+        let args = [
+            "worker",
+            "--redis",
+            &url,
+            "--datacenter",
+            datacenter,
+            "--id",
+            id,
+            "--role",
+            "distributor",
+            "--worker-token",
+            token,
+            "--boot-interface",
+            &net.server_if,
+            "--http-listen",
+            &listen,
+            "--data-dir",
+            data.to_str().unwrap(),
+        ];
+        let log = self.dir.path().join(format!("{id}.log"));
+        let mut worker = CtpfProcess::start(&args, &[], log, "ready").unwrap();
+        worker.wait_for_output("(tftp)", Duration::from_secs(60)).unwrap();
+        (worker, format!("http://{listen}"))
+    }
+
+    /// Waits until every listed worker reports serving at least `generation` of its
+    /// datacenter's snapshot.
+    fn wait_for_generation(&self, datacenter: &str, generation: u64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let workers = self.json(&["workers", "list", "--datacenter", datacenter]);
+            let served = workers.as_array().unwrap().iter().all(|w| {
+                w["state"] == "alive" && w["generation"].as_u64().is_some_and(|g| g >= generation)
+            });
+            if served && !workers.as_array().unwrap().is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{datacenter} never served generation {generation}: {workers}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn generation(&self, datacenter: &str) -> u64 {
+        self.json(&["datacenter", "snapshot", datacenter])["generation"].as_u64().unwrap()
+    }
+}
+
+const MAC: &str = "52:54:00:79:00:01";
+
+#[test]
+fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
+    let mut manager = Manager::start();
+    let net_a = BootNet::create(1 + (free_port().unwrap() % 120) as u8, MAC);
+    let net_b = BootNet::create(130 + (free_port().unwrap() % 120) as u8, MAC);
+    let mut tokens = BTreeMap::new();
+    for (dc, net) in [("dc-a", &net_a), ("dc-b", &net_b)] {
+        manager.text(&["datacenter", "add", dc, "--tag", &format!("site={dc}")]);
+        let range = format!("{0}.100-{0}.150", net.prefix);
+        manager.text(&["datacenter", "dhcp", dc, "--mode", "authoritative", "--range", &range]);
+        let token = manager.text(&["worker", "token", "create", "--datacenter", dc]);
+        tokens.insert(dc, token.trim().to_owned());
+    }
+
+    // A dc-a credential is no use for dc-b: the worker stops at start, naming why.
+    let url = manager.redis.url();
+    let wrong = ctpf_e2e::ctpf_cli(
+        &[
+            "worker",
+            "--redis",
+            &url,
+            "--datacenter",
+            "dc-b",
+            "--worker-token",
+            &tokens["dc-a"],
+            "--role",
+            "distributor",
+            "--public-url",
+            "http://127.0.0.1:1",
+            "--data-dir",
+            manager.dir.path().join("wrong").to_str().unwrap(),
+        ],
+        &[],
+    )
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        !wrong.status.success() && stderr.contains("not valid for datacenter dc-b"),
+        "{stderr}"
+    );
+
+    let (mut worker_a, _) = manager.worker("worker-a", "dc-a", &tokens["dc-a"], &net_a);
+    let _worker_b = manager.worker("worker-b", "dc-b", &tokens["dc-b"], &net_b);
+
+    // The reservation goes to dc-a only.
+    let reserved = format!("{}.42", net_a.prefix);
+    manager.text(&["datacenter", "reserve", "dc-a", MAC, &reserved]);
+    let generation = manager.generation("dc-a");
+    manager.wait_for_generation("dc-a", generation);
+    assert_eq!(net_a.dhcp(manager.dir.path()).as_deref(), Some(reserved.as_str()));
+    let lease_b = net_b.dhcp(manager.dir.path()).expect("dc-b's worker answers too");
+    let last: u8 = lease_b.rsplit('.').next().unwrap().parse().unwrap();
+    assert!(lease_b.starts_with(&net_b.prefix) && (100..=150).contains(&last), "{lease_b}");
+    assert_eq!(
+        manager.json(&["datacenter", "snapshot", "dc-b"])["reservations"],
+        serde_json::json!([])
+    );
+
+    // Both workers are listed per datacenter, and filters by tag work.
+    let listed = manager.json(&["workers", "list", "--tag", "site=dc-b"]);
+    let ids: Vec<&str> =
+        listed.as_array().unwrap().iter().map(|w| w["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["worker-b"]);
+    // One JSON object per line.
+    let events = manager.text(&["--json", "events", "--datacenter", "dc-a"]);
+    let events: Vec<Value> = events.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(events.iter().all(|e| e["datacenter"] == "dc-a"), "{events:?}");
+    let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert!(types.contains(&"worker_joined") && types.contains(&"snapshot_published"), "{types:?}");
+    let refused = manager.admin.refused(&["datacenter", "delete", "dc-a"]);
+    assert!(refused.contains("worker"), "{refused}");
+
+    // Manager and Redis down; dc-a's worker restarts and serves from its disk alone.
+    manager.admin.process.terminate().unwrap();
+    manager.redis.stop();
+    worker_a.terminate().unwrap();
+    let (worker_a, site_url) = manager.worker("worker-a", "dc-a", &tokens["dc-a"], &net_a);
+    assert_eq!(net_a.dhcp(manager.dir.path()).as_deref(), Some(reserved.as_str()));
+    let entry =
+        net_a.http_get(&format!("{site_url}/boot.ipxe")).expect("the entry script is served");
+    assert!(entry.starts_with("#!ipxe"), "{entry}");
+    let script = net_a
+        .http_get(&format!("{site_url}/boot/ipxe?mac={MAC}&arch=x86_64&platform=efi"))
+        .expect("the machine script is served");
+    assert!(script.contains("ctpf.token=ctpf_site_"), "{script}");
+
+    // The machine's callback is taken while everything upstream is down...
+    let token_file = manager.dir.path().join("worker-a-data/site-enroll.token");
+    let site_token = std::fs::read_to_string(token_file).unwrap();
+    let report = serde_json::json!({"macs": [MAC], "arch": "x86_64"});
+    let out = Command::new("timeout")
+        .arg("30")
+        .args([
+            "ip",
+            "netns",
+            "exec",
+            net_a.client.name(),
+            "curl",
+            "-sS",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(["-H", &format!("Authorization: Bearer {}", site_token.trim())])
+        .args(["-H", "Content-Type: application/json", "--data", &report.to_string()])
+        .arg(format!("{site_url}/v1/enroll"))
+        .output()
+        .unwrap();
+    let answer = String::from_utf8_lossy(&out.stdout);
+    assert!(answer.trim_end().ends_with("202"), "{answer}{}", String::from_utf8_lossy(&out.stderr));
+
+    // ...and reaches the registries once Redis and the manager are back.
+    manager.redis.restart().unwrap();
+    manager.restart();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let hosts = manager.json(&["hosts", "list", "--datacenter", "dc-a"]);
+        if hosts.as_array().unwrap().iter().any(|h| h["macs"][0] == MAC) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the queued callback never arrived: {hosts}\n{}",
+            worker_a.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        manager.json(&["hosts", "list", "--datacenter", "dc-b"]).as_array().unwrap().is_empty(),
+        "the host joined dc-a only"
+    );
+}
