@@ -5,6 +5,11 @@
 //! - `one at a time`: 1,000 jobs, each enqueued once the previous one is acked, so latency
 //!   is the bare hand-over to an idle, waiting worker.
 //!
+//! The peer is the simplest job queue Redis offers: one list, `LPUSH` to enqueue and
+//! `BRPOP` to take, with no leases, acknowledgements, redelivery or routing. Its figures are
+//! what the bus's at-least-once bookkeeping (consumer groups, pending lists, receipts) is
+//! measured against, in the same run and on the same server.
+//!
 //! Run with `cargo bench -p ctpf-bus`.
 
 use std::{
@@ -161,6 +166,103 @@ async fn run(
         Mode::Backlog => finished_at - drain_started,
         Mode::OneAtATime => finished_at - started,
     };
+    print_figures(name, jobs, enqueued_in, drained_in, latencies);
+    Ok(())
+}
+
+/// The peer: `LPUSH`/`BRPOP` on one list, 10 consumers, same modes and measures.
+async fn run_list_peer(server: &RedisServer, name: &str, jobs: usize, mode: Mode) -> Result<()> {
+    let client = redis::Client::open(server.url())?;
+    let key = format!("peer:list:{name}");
+    let mut producer = client.get_multiplexed_async_connection().await?;
+    let enqueued_at: EnqueuedAt = Arc::default();
+    let progress = Arc::new(Progress::default());
+    let deadline = Instant::now() + DEADLINE;
+    let spawn =
+        |client: redis::Client, key: String, enqueued_at: EnqueuedAt, progress: Arc<Progress>| {
+            tokio::spawn(async move {
+                let config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
+                let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+                let mut latencies = Vec::new();
+                while progress.done.load(Ordering::Relaxed) < jobs && Instant::now() < deadline {
+                    let popped: Option<(String, Vec<u8>)> =
+                        redis::cmd("BRPOP").arg(&key).arg(0.2).query_async(&mut conn).await?;
+                    let Some((_, raw)) = popped else { continue };
+                    let received = Instant::now();
+                    let job: JobEnvelope = serde_json::from_slice(&raw)?;
+                    let sent =
+                        enqueued_at.lock().ok().and_then(|map| map.get(&job.job_id).copied());
+                    latencies.push(received.duration_since(sent.context("job not enqueued")?));
+                    if progress.done.fetch_add(1, Ordering::Relaxed) + 1 == jobs
+                        && let Ok(mut finished_at) = progress.finished_at.lock()
+                    {
+                        *finished_at = Some(Instant::now());
+                    }
+                    progress.acked.notify_one();
+                }
+                Ok::<_, anyhow::Error>(latencies)
+            })
+        };
+    let mut tasks = Vec::new();
+    if mode == Mode::OneAtATime {
+        for _ in 0..WORKERS {
+            tasks.push(spawn(client.clone(), key.clone(), enqueued_at.clone(), progress.clone()));
+        }
+    }
+    let started = Instant::now();
+    for sent in 1..=jobs {
+        let job = JobEnvelope {
+            job_id: Uuid::new_v4(),
+            spec: JobSpec::Probe { sleep_ms: 0, fail: false },
+            selector: TagSelector::any(),
+        };
+        if let Ok(mut map) = enqueued_at.lock() {
+            map.insert(job.job_id, Instant::now());
+        }
+        let () = redis::cmd("LPUSH")
+            .arg(&key)
+            .arg(serde_json::to_vec(&job)?)
+            .query_async(&mut producer)
+            .await?;
+        while mode == Mode::OneAtATime
+            && progress.done.load(Ordering::Relaxed) < sent
+            && Instant::now() < deadline
+        {
+            let _ =
+                tokio::time::timeout(Duration::from_millis(100), progress.acked.notified()).await;
+        }
+    }
+    let enqueued_in = started.elapsed();
+    let drain_started = Instant::now();
+    if mode == Mode::Backlog {
+        for _ in 0..WORKERS {
+            tasks.push(spawn(client.clone(), key.clone(), enqueued_at.clone(), progress.clone()));
+        }
+    }
+    let mut latencies = Vec::with_capacity(jobs);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    if latencies.len() < jobs {
+        bail!("{name}: only {} of {jobs} jobs done within {DEADLINE:?}", latencies.len());
+    }
+    let finished_at = progress.finished_at.lock().ok().and_then(|at| *at);
+    let finished_at = finished_at.context("the last job was never taken")?;
+    let drained_in = match mode {
+        Mode::Backlog => finished_at - drain_started,
+        Mode::OneAtATime => finished_at - started,
+    };
+    print_figures(name, jobs, enqueued_in, drained_in, latencies);
+    Ok(())
+}
+
+fn print_figures(
+    name: &str,
+    jobs: usize,
+    enqueued_in: Duration,
+    drained_in: Duration,
+    mut latencies: Vec<Duration>,
+) {
     latencies.sort();
     let percentile = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
     println!(
@@ -177,7 +279,6 @@ async fn run(
         percentile(99).as_secs_f64() * 1e3,
         latencies[latencies.len() - 1].as_secs_f64() * 1e3,
     );
-    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -202,6 +303,8 @@ async fn main() -> Result<()> {
     }
     run("redis backlog", &producer, &workers, BACKLOG_JOBS, Mode::Backlog).await?;
     run("redis one at a time", &producer, &workers, PACED_JOBS, Mode::OneAtATime).await?;
+    run_list_peer(&server, "peer LPUSH/BRPOP backlog", BACKLOG_JOBS, Mode::Backlog).await?;
+    run_list_peer(&server, "peer LPUSH/BRPOP one at a time", PACED_JOBS, Mode::OneAtATime).await?;
 
     let memory: Arc<dyn Bus> = Arc::new(MemoryBus::new(config));
     let workers: Vec<Arc<dyn Bus>> = (0..WORKERS).map(|_| memory.clone()).collect();
