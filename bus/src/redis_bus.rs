@@ -1402,13 +1402,16 @@ impl Bus for RedisBus {
                     .await?;
                 lock(&self.applied_acl).insert(user.clone(), text);
             }
+            wanted.insert(user);
+        }
+        if !grants.is_empty() {
             // The manager reads reports from, and lists workers of, every granted datacenter.
+            let datacenters: HashSet<&str> = grants.iter().map(|g| g.datacenter.as_str()).collect();
             redis::cmd("SADD")
                 .arg(self.keys.datacenters())
-                .arg(grant.datacenter.as_str())
+                .arg(datacenters.into_iter().collect::<Vec<_>>())
                 .query_async::<()>(&mut self.conn())
                 .await?;
-            wanted.insert(user);
         }
         for user in existing.difference(&wanted) {
             // Deleting a user also disconnects its clients.

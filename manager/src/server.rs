@@ -246,16 +246,22 @@ pub async fn publish_snapshots(
     stop: CancellationToken,
 ) {
     let mut changes = registry.changes();
+    // The first pass and every timed one also make sure the bus still holds each snapshot.
+    let mut full = true;
     loop {
         changes.borrow_and_update();
-        if let Err(e) = registry.publish_snapshots(&settings).await {
+        let pass = match full {
+            true => registry.publish_snapshots(&settings).await,
+            false => registry.publish_changed_snapshots(&settings).await,
+        };
+        if let Err(e) = pass {
             tracing::warn!(error = %e, "cannot publish snapshots; retrying");
         }
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            () = tokio::time::sleep(SNAPSHOT_RECHECK) => {}
+        full = tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return } else { false },
+            () = tokio::time::sleep(SNAPSHOT_RECHECK) => true,
             () = stop.cancelled() => return,
-        }
+        };
     }
 }
 

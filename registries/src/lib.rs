@@ -256,9 +256,6 @@ impl Registry {
                 keys.len()
             )));
         }
-        if force {
-            self.retire_datacenter_workers(name).await?;
-        }
         let mut commit = self.reservation_removals(Commit::new(), name).await?;
         for host in &hosts {
             commit = host_removal(commit, host, Precondition::Any);
@@ -278,6 +275,8 @@ impl Registry {
                 EventBody::DatacenterDeleted { name: name.clone() },
             ));
         match self.state.commit(commit).await {
+            // Only once the datacenter is gone, so a delete that fails revokes nothing.
+            Ok(_) if force => self.retire_datacenter_workers(name).await,
             Ok(_) => Ok(()),
             Err(StateError::Conflict { .. }) => Err(RegistryError::Refused(format!(
                 "datacenter {name} changed while it was being deleted (a host was added?); try again"

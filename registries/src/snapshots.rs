@@ -11,8 +11,8 @@ use std::collections::BTreeMap;
 
 use ctpf_bus::PublishedSnapshot;
 use ctpf_common::{
-    Arch, Artifact, BootFiles, DatacenterSnapshot, DesiredState, DiscoveryFiles, EventBody, Host,
-    HostAssignment, Name, NewEvent, SnapshotFile,
+    Arch, Artifact, BootFiles, Datacenter, DatacenterSnapshot, DesiredState, DiscoveryFiles,
+    EventBody, Host, HostAssignment, Name, NewEvent, Reservation, SnapshotFile,
 };
 use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
 use serde::{Deserialize, Serialize};
@@ -40,7 +40,35 @@ fn file_of(artifact: &Artifact) -> SnapshotFile {
     SnapshotFile { digest: artifact.digest, size: artifact.size }
 }
 
+/// The records every datacenter's desired state is built from, read once per pass.
+struct Sources {
+    artifacts: Vec<Artifact>,
+    hosts: Vec<Host>,
+    reservations: Vec<Reservation>,
+    /// `reservations[i]` belongs to `reservation_dcs[i]`.
+    reservation_dcs: Vec<Name>,
+}
+
 impl Registry {
+    async fn snapshot_sources(&self) -> Result<Sources, RegistryError> {
+        let mut reservations = Vec::new();
+        let mut reservation_dcs = Vec::new();
+        for (key, record) in self.state.list(Table::Reservations).await? {
+            let reservation: Reservation = crate::decode(Table::Reservations, &key, &record)?;
+            // Keys are `DATACENTER/MAC`.
+            if let Some(dc) = key.split_once('/').and_then(|(dc, _)| dc.parse().ok()) {
+                reservation_dcs.push(dc);
+                reservations.push(reservation);
+            }
+        }
+        Ok(Sources {
+            artifacts: self.all(Table::Artifacts).await?,
+            hosts: self.all(Table::Hosts).await?,
+            reservations,
+            reservation_dcs,
+        })
+    }
+
     /// What `datacenter`'s distributors should serve now.
     pub async fn desired_state(
         &self,
@@ -48,48 +76,7 @@ impl Registry {
         settings: &SnapshotSettings,
     ) -> Result<DesiredState, RegistryError> {
         let dc = self.datacenter(datacenter).await?;
-        let artifacts: Vec<Artifact> = self.all(Table::Artifacts).await?;
-        let by_name: BTreeMap<&str, &Artifact> =
-            artifacts.iter().map(|a| (a.name.as_str(), a)).collect();
-        let mut boot = BootFiles {
-            discovery_cmdline: settings.discovery_cmdline.clone(),
-            ..BootFiles::default()
-        };
-        for artifact in &artifacts {
-            if let Some(file) = artifact.name.as_str().strip_prefix(LOADER_PREFIX) {
-                boot.loaders.insert(file.to_owned(), file_of(artifact));
-            }
-        }
-        for arch in Arch::ALL {
-            let kernel = by_name.get(format!("discovery-{arch}-vmlinuz").as_str()).copied();
-            let initrd = by_name.get(format!("discovery-{arch}-initrd").as_str()).copied();
-            if let (Some(kernel), Some(initrd)) = (kernel, initrd) {
-                boot.discovery.insert(
-                    arch,
-                    DiscoveryFiles { kernel: file_of(kernel), initrd: file_of(initrd) },
-                );
-            }
-        }
-        let hosts: Vec<Host> = self.all(Table::Hosts).await?;
-        let mut hosts: Vec<HostAssignment> = hosts
-            .into_iter()
-            .filter(|h| &h.datacenter == datacenter)
-            .map(|h| HostAssignment {
-                host_id: h.id,
-                macs: h.macs,
-                smbios_uuid: h.smbios_uuid,
-                hostname: h.hostname.map(|n| n.to_string()),
-                boot: HostAssignment::boot_for(h.state),
-                state: h.state,
-            })
-            .collect();
-        hosts.sort_by_key(|h| h.host_id);
-        Ok(DesiredState {
-            dhcp: dc.dhcp,
-            reservations: self.reservations(datacenter).await?,
-            hosts,
-            boot,
-        })
+        Ok(desired_state_of(&dc, &self.snapshot_sources().await?, settings))
     }
 
     /// The snapshot last published for `datacenter`, if any.
@@ -110,60 +97,80 @@ impl Registry {
         &self,
         settings: &SnapshotSettings,
     ) -> Result<Vec<(Name, u64)>, RegistryError> {
+        self.publish_pass(settings, true).await
+    }
+
+    /// Like [`Registry::publish_snapshots`] without asking the bus whether it still holds
+    /// the unchanged ones: the pass that runs after every commit, where that question would
+    /// cost a round trip per datacenter each time.
+    pub async fn publish_changed_snapshots(
+        &self,
+        settings: &SnapshotSettings,
+    ) -> Result<Vec<(Name, u64)>, RegistryError> {
+        self.publish_pass(settings, false).await
+    }
+
+    async fn publish_pass(
+        &self,
+        settings: &SnapshotSettings,
+        check_bus: bool,
+    ) -> Result<Vec<(Name, u64)>, RegistryError> {
+        let sources = self.snapshot_sources().await?;
         let mut published = Vec::new();
         for dc in self.datacenters(&crate::Filter::default()).await? {
-            if let Some(generation) = self.publish_snapshot(&dc.name, settings).await? {
+            let state = desired_state_of(&dc, &sources, settings);
+            if let Some(generation) = self.publish_state(&dc.name, state, check_bus).await? {
                 published.push((dc.name, generation));
             }
         }
         Ok(published)
     }
 
-    /// See [`Registry::publish_snapshots`]; `Some(generation)` when a new one was made.
-    pub async fn publish_snapshot(
+    /// Publishes `state` as `datacenter`'s next generation unless it is what the last one
+    /// holds; `Some(generation)` when a new one was made.
+    async fn publish_state(
         &self,
         datacenter: &Name,
-        settings: &SnapshotSettings,
+        state: DesiredState,
+        check_bus: bool,
     ) -> Result<Option<u64>, RegistryError> {
-        loop {
-            let state = self.desired_state(datacenter, settings).await?;
-            let state_sha256 = hex::encode(Sha256::digest(encode(&state)?));
-            let previous =
-                self.get::<PublishedRecord>(Table::Snapshots, datacenter.as_str()).await?;
-            if let Some((record, _)) = &previous
-                && record.state_sha256 == state_sha256
-            {
+        let state_sha256 = hex::encode(Sha256::digest(encode(&state)?));
+        let previous = self.get::<PublishedRecord>(Table::Snapshots, datacenter.as_str()).await?;
+        if let Some((record, _)) = &previous
+            && record.state_sha256 == state_sha256
+        {
+            if check_bus {
                 self.ensure_on_bus(&record.snapshot).await?;
-                return Ok(None);
             }
-            let generation = previous.as_ref().map_or(0, |(r, _)| r.snapshot.generation) + 1;
-            let snapshot = DatacenterSnapshot {
-                datacenter: datacenter.clone(),
-                generation,
-                published_at: now(),
-                state,
-            };
-            let expect = match &previous {
-                Some((_, version)) => Precondition::Version(*version),
-                None => Precondition::Absent,
-            };
-            let record = PublishedRecord { state_sha256, snapshot };
-            let commit = Commit::new()
-                .write(Write::put(Table::Snapshots, datacenter.as_str(), encode(&record)?, expect))
-                .event(NewEvent::new(
-                    Some(datacenter.clone()),
-                    EventBody::SnapshotPublished { generation },
-                ));
-            match self.state.commit(commit).await {
-                Ok(_) => {}
-                // Another publisher was faster; look again.
-                Err(StateError::Conflict { .. }) => continue,
-                Err(e) => return Err(e.into()),
-            }
-            self.put_on_bus(&record.snapshot).await?;
-            tracing::info!(%datacenter, generation, "snapshot published");
-            return Ok(Some(generation));
+            return Ok(None);
         }
+        let generation = previous.as_ref().map_or(0, |(r, _)| r.snapshot.generation) + 1;
+        let snapshot = DatacenterSnapshot {
+            datacenter: datacenter.clone(),
+            generation,
+            published_at: now(),
+            state,
+        };
+        let expect = match &previous {
+            Some((_, version)) => Precondition::Version(*version),
+            None => Precondition::Absent,
+        };
+        let record = PublishedRecord { state_sha256, snapshot };
+        let commit = Commit::new()
+            .write(Write::put(Table::Snapshots, datacenter.as_str(), encode(&record)?, expect))
+            .event(NewEvent::new(
+                Some(datacenter.clone()),
+                EventBody::SnapshotPublished { generation },
+            ));
+        match self.state.commit(commit).await {
+            Ok(_) => {}
+            // Another manager published first; the next pass compares against its record.
+            Err(StateError::Conflict { .. }) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        self.put_on_bus(&record.snapshot).await?;
+        tracing::info!(%datacenter, generation, "snapshot published");
+        Ok(Some(generation))
     }
 
     async fn put_on_bus(&self, snapshot: &DatacenterSnapshot) -> Result<(), RegistryError> {
@@ -191,4 +198,52 @@ impl Registry {
         }
         Ok(())
     }
+}
+
+/// `dc`'s desired state from the records of one pass.
+fn desired_state_of(
+    dc: &Datacenter,
+    sources: &Sources,
+    settings: &SnapshotSettings,
+) -> DesiredState {
+    let by_name: BTreeMap<&str, &Artifact> =
+        sources.artifacts.iter().map(|a| (a.name.as_str(), a)).collect();
+    let mut boot =
+        BootFiles { discovery_cmdline: settings.discovery_cmdline.clone(), ..BootFiles::default() };
+    for artifact in &sources.artifacts {
+        if let Some(file) = artifact.name.as_str().strip_prefix(LOADER_PREFIX) {
+            boot.loaders.insert(file.to_owned(), file_of(artifact));
+        }
+    }
+    for arch in Arch::ALL {
+        let kernel = by_name.get(format!("discovery-{arch}-vmlinuz").as_str()).copied();
+        let initrd = by_name.get(format!("discovery-{arch}-initrd").as_str()).copied();
+        if let (Some(kernel), Some(initrd)) = (kernel, initrd) {
+            boot.discovery
+                .insert(arch, DiscoveryFiles { kernel: file_of(kernel), initrd: file_of(initrd) });
+        }
+    }
+    let mut hosts: Vec<HostAssignment> = sources
+        .hosts
+        .iter()
+        .filter(|h| h.datacenter == dc.name)
+        .map(|h| HostAssignment {
+            host_id: h.id,
+            macs: h.macs.clone(),
+            smbios_uuid: h.smbios_uuid,
+            hostname: h.hostname.as_ref().map(ToString::to_string),
+            boot: HostAssignment::boot_for(h.state),
+            state: h.state,
+        })
+        .collect();
+    hosts.sort_by_key(|h| h.host_id);
+    let mut reservations: Vec<Reservation> = sources
+        .reservations
+        .iter()
+        .zip(&sources.reservation_dcs)
+        .filter(|(_, owner)| **owner == dc.name)
+        .map(|(r, _)| r.clone())
+        .collect();
+    reservations.sort_by_key(|r| r.mac);
+    DesiredState { dhcp: dc.dhcp.clone(), reservations, hosts, boot }
 }

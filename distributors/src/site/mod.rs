@@ -89,6 +89,8 @@ pub enum RefusedSnapshot {
     Fetch { digest: Sha256Digest, reason: String },
     #[error(transparent)]
     Store(#[from] local::LocalError),
+    #[error("storing the snapshot stopped: {0}")]
+    StoreTask(String),
 }
 
 /// The snapshot a site serves and where it came from; shared by the tasks.
@@ -140,9 +142,9 @@ impl SnapshotHolder {
             self.fetch(file.digest).await?;
         }
         let (file, to_store) = (self.file.clone(), snapshot.clone());
-        tokio::task::spawn_blocking(move || file.store(&to_store)).await.map_err(|e| {
-            RefusedSnapshot::Fetch { digest: Sha256Digest::of(b""), reason: e.to_string() }
-        })??;
+        tokio::task::spawn_blocking(move || file.store(&to_store))
+            .await
+            .map_err(|e| RefusedSnapshot::StoreTask(e.to_string()))??;
         let generation = snapshot.generation;
         self.current.send_replace(Some(Arc::new(snapshot)));
         Ok(generation)
@@ -398,8 +400,7 @@ async fn forward_callbacks(
 }
 
 /// Runs the distributor until `shutdown`: the follower, the boot service, the HTTP boot
-/// server and the forwarder. Returns the holder's generation getter for heartbeats through
-/// `on_ready` once the HTTP server is bound.
+/// server and the forwarder, all around `holder` (whose generation the heartbeats report).
 pub async fn run(
     config: SiteConfig,
     holder: Arc<SnapshotHolder>,
