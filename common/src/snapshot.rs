@@ -64,9 +64,11 @@ impl DhcpSettings {
                 ));
             }
             (DhcpMode::Off | DhcpMode::Proxy, Some(_)) => {
+                let (first, last) =
+                    self.range.unwrap_or((Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED));
                 return Err(ParseError::new(
                     "dhcp.range",
-                    format!("{:?}", self.range),
+                    format!("{first}-{last}"),
                     "a range only makes sense in authoritative mode",
                 ));
             }
