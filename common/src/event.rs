@@ -187,6 +187,45 @@ pub enum EventBody {
     ReportRefused {
         reason: String,
     },
+    /// A worker's DHCP server answered a machine (`reply` is `offer`, `ack` or `nak`; `ip`
+    /// is the address handed out, none in proxyDHCP). `boot_file` says which stage it sent
+    /// the machine to: a TFTP loader, or an iPXE script URL.
+    DhcpReplied {
+        worker: String,
+        mac: crate::MacAddr,
+        reply: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        ip: Option<std::net::Ipv4Addr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_file: Option<String>,
+    },
+    /// A TFTP read a worker served, however it ended (`outcome` is `completed` or why not).
+    TftpTransfer {
+        worker: String,
+        client: String,
+        file: String,
+        bytes: u64,
+        millis: u64,
+        outcome: String,
+    },
+    /// A boot request (script, kernel, initrd, loader) a worker's HTTP boot server answered.
+    HttpBoot {
+        worker: String,
+        client: String,
+        path: String,
+        status: u16,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mac: Option<crate::MacAddr>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        bytes: Option<u64>,
+    },
+    /// Boot events a worker did not send: beyond its rate limit, or beyond its backlog while
+    /// the bus was unreachable.
+    BootEventsDropped {
+        worker: String,
+        count: u64,
+    },
 }
 
 impl EventBody {
@@ -226,6 +265,10 @@ impl EventBody {
             EventBody::SnapshotPublished { .. } => "snapshot_published",
             EventBody::HostCallbackForwarded { .. } => "host_callback_forwarded",
             EventBody::ReportRefused { .. } => "report_refused",
+            EventBody::DhcpReplied { .. } => "dhcp_replied",
+            EventBody::TftpTransfer { .. } => "tftp_transfer",
+            EventBody::HttpBoot { .. } => "http_boot",
+            EventBody::BootEventsDropped { .. } => "boot_events_dropped",
         }
     }
 }

@@ -20,6 +20,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::boot_events::BootEvents;
 use crate::dhcp::{
     self, BootConfig, DhcpCore, LeaseLog, LogError, NetworkConfig, PoolConfig, RequestPort,
     server::Options,
@@ -65,6 +66,8 @@ pub struct BootServiceConfig {
     pub ipv6_router_adverts: bool,
     /// Files TFTP serves from the artifact store by name (before looking in `tftp_root`).
     pub tftp_artifacts: Option<TftpArtifacts>,
+    /// Where DHCP replies and TFTP transfers are recorded for the event stream.
+    pub events: BootEvents,
 }
 
 /// See [`BootServiceConfig::tftp_artifacts`].
@@ -114,6 +117,7 @@ pub struct BootService {
     tftp_socket: UdpSocket,
     tftp_source: Arc<dyn FileSource>,
     router_adverts: Option<RouterAdvertiser>,
+    events: BootEvents,
 }
 
 #[derive(Debug)]
@@ -185,7 +189,7 @@ impl BootService {
             }
             None => Arc::new(tftp_source),
         };
-        Ok(Self { dhcp, tftp_socket, tftp_source, router_adverts })
+        Ok(Self { dhcp, tftp_socket, tftp_source, router_adverts, events: config.events })
     }
 
     /// Serves DHCP (and PXE) and TFTP until `shutdown` is cancelled, then closes the lease
@@ -195,7 +199,11 @@ impl BootService {
         let mut tasks = tokio::task::JoinSet::new();
         let mut journal = None;
         if let Some(sockets) = self.dhcp {
-            let options = Options { journal: sockets.journal.clone(), ..Options::default() };
+            let options = Options {
+                journal: sockets.journal.clone(),
+                events: self.events.clone(),
+                ..Options::default()
+            };
             let loop_stop = stop.clone();
             let core = sockets.core.clone();
             tasks.spawn(async move {
@@ -211,17 +219,26 @@ impl BootService {
             });
             if let Some(pxe) = sockets.pxe {
                 let (core, pxe_stop) = (sockets.core.clone(), stop.clone());
+                let options = Options { events: self.events.clone(), ..Options::default() };
                 tasks.spawn(async move {
-                    let served =
-                        dhcp::server::run(pxe, RequestPort::PxeBootServer, core, pxe_stop).await;
+                    let served = dhcp::server::run_with(
+                        pxe,
+                        RequestPort::PxeBootServer,
+                        core,
+                        options,
+                        pxe_stop,
+                    )
+                    .await;
                     ("pxe", served)
                 });
             }
             journal = sockets.journal;
         }
         let (source, tftp_stop) = (self.tftp_source, stop.clone());
+        let (socket, events) = (self.tftp_socket, self.events);
         tasks.spawn(async move {
-            let served = tftp::run(self.tftp_socket, source, TftpConfig::default(), tftp_stop);
+            let config = TftpConfig::default();
+            let served = tftp::run_with_events(socket, source, config, events, tftp_stop);
             ("tftp", served.await)
         });
         if let Some(adverts) = self.router_adverts {
@@ -322,6 +339,7 @@ mod tests {
             boot: BootConfig::standard(Ipv4Addr::LOCALHOST, 7480),
             ipv6_router_adverts: false,
             tftp_artifacts: None,
+            events: BootEvents::off(),
         };
         let error = BootService::bind(config).await.unwrap_err();
         assert!(error.to_string().contains("/nonexistent/ctpf-tftp-root"), "{error}");

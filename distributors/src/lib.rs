@@ -2,6 +2,7 @@
 //! boot on its site: DHCP/proxyDHCP ([`dhcp`]) and TFTP ([`tftp`]) today; HTTP boot, DNS,
 //! SSH, WireGuard and k3s distributors join it in later steps.
 
+pub mod boot_events;
 pub mod boot_service;
 pub mod dhcp;
 pub mod heartbeat;

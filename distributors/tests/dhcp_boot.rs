@@ -807,3 +807,34 @@ async fn socket_loop_answers_on_the_boot_server_port() {
     shutdown.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// Each sent reply becomes a `dhcp_replied` event naming the machine, the reply, the address
+/// (none in proxyDHCP) and the stage it was sent to.
+#[test]
+fn replies_describe_themselves_as_events() {
+    let req = bios_pxe_rom();
+    let out = proxy().handle(&bytes(&req), RequestPort::Dhcp, 0).unwrap();
+    let event = dhcp::reply_event(&out.reply, "w1".into()).unwrap();
+    assert_eq!(
+        event,
+        ctpf_common::EventBody::DhcpReplied {
+            worker: "w1".into(),
+            mac: MacAddr::new([0x00, 0x1b, 0x21, 0, 0, 7]),
+            reply: "offer".into(),
+            ip: None,
+            boot_file: Some("undionly.kpxe".into()),
+        }
+    );
+
+    let mut core = authoritative();
+    let discover = seabios_ipxe();
+    let offer = core.handle(&bytes(&discover), RequestPort::Dhcp, 0).unwrap();
+    match dhcp::reply_event(&offer.reply, "w1".into()).unwrap() {
+        ctpf_common::EventBody::DhcpReplied { reply, ip, boot_file, .. } => {
+            assert_eq!(reply, "offer");
+            assert_eq!(ip, Some(Ipv4Addr::new(10, 77, 0, 100)));
+            assert_eq!(boot_file.as_deref(), Some(SCRIPT));
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -90,7 +90,12 @@ async fn start(journal: &Path, client_port: u16) -> Running {
     let core = DhcpCore::with_table(BootConfig::standard(SERVER, 7480), net(), table);
     let socket = UdpSocket::bind((LOOPBACK, 0)).await.unwrap();
     let addr = socket.local_addr().unwrap();
-    let options = Options { journal: Some(Arc::new(log)), client_port, relay_port: client_port };
+    let options = Options {
+        journal: Some(Arc::new(log)),
+        client_port,
+        relay_port: client_port,
+        ..Options::default()
+    };
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server::run_with(
         socket,

@@ -146,6 +146,8 @@ impl BootArgs {
             ipv6_router_adverts: self.ipv6_ra,
             // Filled in once the artifact store is open (see `server::run_control_plane`).
             tftp_artifacts: None,
+            // Likewise once the bus is open.
+            events: ctpf_distributors::boot_events::BootEvents::off(),
         }))
     }
 

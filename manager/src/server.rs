@@ -14,6 +14,7 @@ use ctpf_builders::{Builder, BuilderConfig};
 use ctpf_bus::{Bus, BusConfig, MemoryBus, RedisBus};
 use ctpf_common::{Arch, WorkerIdentity};
 use ctpf_distributors::{
+    boot_events::{self, BootEvents},
     boot_service::{BootService, BootServiceConfig, TftpArtifacts},
     jobs::WorkerConfig,
 };
@@ -333,6 +334,11 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
     tokio::spawn(watch_workers(registry.clone(), plane.sites.worker_lost_after, shutdown.clone()));
     let has_local_builder =
         plane.local_worker.as_ref().is_some_and(|w| w.roles.contains(&ctpf_common::Role::Builder));
+    // The boot service's DHCP and TFTP activity is reported like a site worker's.
+    let boot_events_source = match &plane.local_worker {
+        Some(identity) => identity.id.clone(),
+        None => format!("manager-{}", std::process::id()),
+    };
     let worker = match plane.local_worker {
         Some(identity) => {
             let builder = if identity.roles.contains(&ctpf_common::Role::Builder) {
@@ -415,7 +421,10 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
             if grub {
                 boot = boot.with_grub(&public_url);
             }
-            let service = BootService::bind(BootServiceConfig { boot, ..config }).await?;
+            let (events, recorded) =
+                BootEvents::channel(&boot_events_source, Some(plane.boot_datacenter.clone()));
+            tokio::spawn(boot_events::forward(recorded, bus.clone(), shutdown.clone()));
+            let service = BootService::bind(BootServiceConfig { boot, events, ..config }).await?;
             let stop_all = shutdown.clone();
             // A failed boot socket stops `ctpf up` rather than leaving it half-working.
             Some(tokio::spawn(async move {

@@ -924,6 +924,12 @@ impl Registry {
                 report.body.type_name()
             )));
         }
+        if !site_workers_report(&report.body) {
+            return Ok(Some(format!(
+                "a worker of datacenter {site} sent a {} event, which only the manager records",
+                report.body.type_name()
+            )));
+        }
         let job_id = match &report.body {
             EventBody::JobStarted { job_id, .. }
             | EventBody::JobSucceeded { job_id, .. }
@@ -944,6 +950,26 @@ impl Registry {
             _ => None,
         })
     }
+}
+
+/// What a site worker may report: its jobs, its boot activity and the callbacks it took.
+/// Everything else (hosts, credentials, datacenters, ...) is the manager's own to record.
+fn site_workers_report(body: &EventBody) -> bool {
+    matches!(
+        body,
+        EventBody::JobStarted { .. }
+            | EventBody::JobSucceeded { .. }
+            | EventBody::JobFailed { .. }
+            | EventBody::JobDeadLettered { .. }
+            | EventBody::JobCancelled { .. }
+            | EventBody::BuildLog { .. }
+            | EventBody::WorkerStarted { .. }
+            | EventBody::HostCallbackForwarded { .. }
+            | EventBody::DhcpReplied { .. }
+            | EventBody::TftpTransfer { .. }
+            | EventBody::HttpBoot { .. }
+            | EventBody::BootEventsDropped { .. }
+    )
 }
 
 fn envelope(job: &Job) -> JobEnvelope {

@@ -204,9 +204,24 @@ async fn a_site_worker_may_only_report_for_its_own_datacenter() {
     reg.apply_report_from(NewEvent::new(None, started), Some(&a)).await.unwrap();
     let foreign = NewEvent::new(Some(b.clone()), EventBody::WorkerStarted { worker: "wa".into() });
     reg.apply_report_from(foreign, Some(&a)).await.unwrap();
+    // Records only the manager keeps are not a worker's to send, even for its datacenter.
+    let spoofed = NewEvent::new(None, EventBody::DatacenterDeleted { name: a.clone() });
+    reg.apply_report_from(spoofed, Some(&a)).await.unwrap();
     assert_eq!(reg.job(job_b.id).await.unwrap().status, ctpf_common::JobStatus::Queued);
     let types = event_types(&reg).await;
-    assert_eq!(types.iter().filter(|t| **t == "report_refused").count(), 2, "{types:?}");
+    assert_eq!(types.iter().filter(|t| **t == "report_refused").count(), 3, "{types:?}");
+    assert!(!types.contains(&"datacenter_deleted"), "{types:?}");
+
+    // Its boot activity is recorded, in its datacenter whatever the report named.
+    let lease = EventBody::DhcpReplied {
+        worker: "wa".into(),
+        mac: "52:54:00:bb:00:09".parse().unwrap(),
+        reply: "ack".into(),
+        ip: Some("10.0.0.9".parse().unwrap()),
+        boot_file: Some("undionly.kpxe".into()),
+    };
+    let recorded = reg.apply_report_from(NewEvent::new(None, lease), Some(&a)).await.unwrap();
+    assert_eq!(recorded.unwrap().datacenter.as_ref(), Some(&a));
 
     // A forwarded callback enrolls into the worker's datacenter; forwarded twice, one host.
     let report = HostReport {

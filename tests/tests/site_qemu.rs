@@ -226,4 +226,51 @@ fn a_site_worker_pxe_boots_a_machine_with_the_manager_and_redis_down() {
         },
         || worker.log_text(),
     );
+
+    // Every stage of that boot (DHCP, scripts, kernel), held by the worker through the
+    // outage, is in the events.
+    let seen = std::cell::RefCell::new(Vec::new());
+    wait_until(
+        "the boot's DHCP and HTTP events",
+        Duration::from_secs(60),
+        || {
+            let out = admin.run(&["--json", "events", "--datacenter", "site"]).unwrap();
+            let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|e| {
+                    ["dhcp_replied", "tftp_transfer", "http_boot"]
+                        .contains(&e["type"].as_str().unwrap_or(""))
+                })
+                .collect();
+            let acked = events.iter().any(|e| {
+                e["type"] == "dhcp_replied"
+                    && e["mac"] == machine.mac.as_str()
+                    && e["reply"] == "ack"
+            });
+            // QEMU's NIC ROM is iPXE, so DHCP sends it straight to the HTTP script (no TFTP;
+            // `sites.rs` covers TFTP events).
+            let script = events.iter().any(|e| {
+                e["type"] == "http_boot"
+                    && e["path"] == "/boot/ipxe"
+                    && e["mac"] == machine.mac.as_str()
+            });
+            let kernel = events.iter().any(|e| {
+                e["type"] == "http_boot"
+                    && e["path"] == "/boot/discovery/x86_64/vmlinuz"
+                    && e["status"] == 200
+            });
+            *seen.borrow_mut() = events;
+            acked && script && kernel
+        },
+        || format!("{:#?}", seen.borrow()),
+    );
+    for e in seen.borrow().iter() {
+        let what = match e["type"].as_str().unwrap_or("") {
+            "dhcp_replied" => format!("dhcp {} {} {}", e["reply"], e["ip"], e["boot_file"]),
+            "tftp_transfer" => format!("tftp {} {} bytes {}", e["file"], e["bytes"], e["outcome"]),
+            _ => format!("http {} {} {} bytes", e["path"], e["status"], e["bytes"]),
+        };
+        println!("{} {what}", e["at"].as_str().unwrap_or("?"));
+    }
 }

@@ -5,9 +5,11 @@
 //! - A reservation added to dc-a reaches only dc-a's worker: its DHCP answers the MAC with the
 //!   reserved address, dc-b's hands the same MAC an ordinary one.
 //! - A dc-a credential does not work for dc-b.
+//! - Each worker's DHCP answers show up in its own datacenter's events.
 //! - With the manager and Redis stopped, a restarted dc-a worker serves DHCP and HTTP boot
 //!   from the snapshot on its disk and takes a machine's callback; the callback reaches the
-//!   registries once Redis and the manager are back.
+//!   registries once Redis and the manager are back, and so do the DHCP, TFTP and HTTP events
+//!   of the outage (held by the worker meanwhile).
 //!
 //! Needs root, iproute2 and busybox (`.ci/run` installs them).
 
@@ -207,6 +209,35 @@ impl Manager {
         }
     }
 
+    /// The events of `datacenter` after `after`, waiting up to a minute until one matches
+    /// `wanted`; returns that one.
+    fn wait_for_event(
+        &self,
+        datacenter: &str,
+        after: u64,
+        wanted: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let after = after.to_string();
+            let listed =
+                self.text(&["--json", "events", "--datacenter", datacenter, "--after", &after]);
+            let events: Vec<Value> =
+                listed.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            if let Some(found) = events.iter().find(|e| wanted(e)) {
+                return found.clone();
+            }
+            assert!(Instant::now() < deadline, "no such event in {datacenter}: {listed}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn last_event_seq(&self) -> u64 {
+        let listed = self.text(&["--json", "events"]);
+        let last = listed.lines().last().map(|l| serde_json::from_str::<Value>(l).unwrap());
+        last.and_then(|e| e["seq"].as_u64()).unwrap_or(0)
+    }
+
     fn generation(&self, datacenter: &str) -> u64 {
         self.json(&["datacenter", "snapshot", datacenter])["generation"].as_u64().unwrap()
     }
@@ -286,6 +317,20 @@ fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
     let refused = manager.admin.refused(&["datacenter", "delete", "dc-a"]);
     assert!(refused.contains("worker"), "{refused}");
 
+    // Each worker's DHCP answers reach the event stream, in its own datacenter.
+    let acked = |worker: &'static str, ip: Option<String>| {
+        move |e: &Value| {
+            e["type"] == "dhcp_replied"
+                && e["worker"] == worker
+                && e["mac"] == MAC
+                && e["reply"] == "ack"
+                && ip.as_ref().is_none_or(|ip| e["ip"] == ip.as_str())
+        }
+    };
+    manager.wait_for_event("dc-a", 0, acked("worker-a", Some(reserved.clone())));
+    manager.wait_for_event("dc-b", 0, acked("worker-b", Some(lease_b.clone())));
+    let before_outage = manager.last_event_seq();
+
     // Manager and Redis down; dc-a's worker restarts and serves from its disk alone.
     manager.admin.process.terminate().unwrap();
     manager.redis.stop();
@@ -299,6 +344,17 @@ fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
         .http_get(&format!("{site_url}/boot/ipxe?mac={MAC}&arch=x86_64&platform=efi"))
         .expect("the machine script is served");
     assert!(script.contains("ctpf.token=ctpf_site_"), "{script}");
+
+    // TFTP serves from the worker's root too (busybox tftp plays a PXE ROM).
+    let tftp_file = manager.dir.path().join("worker-a-data/tftp/loader.bin");
+    std::fs::write(&tftp_file, vec![7u8; 3000]).unwrap();
+    let fetched = manager.dir.path().join("fetched.bin");
+    run(Command::new("ip")
+        .args(["netns", "exec", net_a.client.name(), "busybox", "tftp", "-g", "-r", "loader.bin"])
+        .arg("-l")
+        .arg(&fetched)
+        .arg(format!("{}.1", net_a.prefix)));
+    assert_eq!(std::fs::read(&fetched).unwrap().len(), 3000);
 
     // The machine's callback is taken while everything upstream is down...
     let token_file = manager.dir.path().join("worker-a-data/site-enroll.token");
@@ -346,4 +402,18 @@ fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
         manager.json(&["hosts", "list", "--datacenter", "dc-b"]).as_array().unwrap().is_empty(),
         "the host joined dc-a only"
     );
+
+    // What the worker did for the machine during the outage was held and is reported now,
+    // stamped with when it happened.
+    let lease = manager.wait_for_event("dc-a", before_outage, acked("worker-a", Some(reserved)));
+    assert!(lease["seq"].as_u64().unwrap() > before_outage, "{lease}");
+    let boot = manager.wait_for_event("dc-a", before_outage, |e| {
+        e["type"] == "http_boot" && e["path"] == "/boot/ipxe" && e["mac"] == MAC
+    });
+    assert_eq!(boot["status"], 200, "{boot}");
+    assert_eq!(boot["client"], format!("{}.200", net_a.prefix), "{boot}");
+    let sent = manager.wait_for_event("dc-a", before_outage, |e| {
+        e["type"] == "tftp_transfer" && e["file"] == "loader.bin"
+    });
+    assert_eq!((sent["outcome"].as_str(), sent["bytes"].as_u64()), (Some("completed"), Some(3000)));
 }

@@ -266,6 +266,32 @@ impl DhcpCore {
     }
 }
 
+/// The `dhcp_replied` event for a reply that was sent (see [`crate::boot_events`]); `None`
+/// for a reply without an Ethernet client address.
+pub fn reply_event(reply: &Message, worker: String) -> Option<ctpf_common::EventBody> {
+    let octets: [u8; 6] = reply.chaddr().get(..6)?.try_into().ok()?;
+    let kind = match reply.opts().msg_type()? {
+        MessageType::Offer => "offer",
+        MessageType::Ack => "ack",
+        MessageType::Nak => "nak",
+        _ => "other",
+    };
+    let ip = Some(reply.yiaddr()).filter(|ip| !ip.is_unspecified());
+    let boot_file = match reply.opts().get(dhcproto::v4::OptionCode::BootfileName) {
+        Some(dhcproto::v4::DhcpOption::BootfileName(name)) => Some(name.as_slice()),
+        _ => reply.fname(),
+    }
+    .filter(|name| !name.is_empty())
+    .map(|name| crate::boot_events::clip(&String::from_utf8_lossy(name)));
+    Some(ctpf_common::EventBody::DhcpReplied {
+        worker,
+        mac: ctpf_common::MacAddr::new(octets),
+        reply: kind.to_owned(),
+        ip,
+        boot_file,
+    })
+}
+
 /// What [`DhcpCore::process`] produced for one datagram.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Processed {

@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::boot_events::BootEvents;
+
 use super::{
     CLIENT_PORT, Destination, DhcpCore, LeaseLog, Outgoing, RequestPort, SERVER_PORT, Seconds,
 };
@@ -31,11 +33,18 @@ pub struct Options {
     /// without privileged ports, like dnsmasq's `--dhcp-alternate-port`.
     pub client_port: u16,
     pub relay_port: u16,
+    /// Where each sent reply is recorded for the event stream (off by default).
+    pub events: BootEvents,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { journal: None, client_port: CLIENT_PORT, relay_port: SERVER_PORT }
+        Self {
+            journal: None,
+            client_port: CLIENT_PORT,
+            relay_port: SERVER_PORT,
+            events: BootEvents::off(),
+        }
     }
 }
 
@@ -103,8 +112,12 @@ pub async fn run_with(
                     (Some(record), Some(journal), Some(outgoing)) => {
                         let to = destination(&outgoing, from, &options);
                         let sender = durable_sender.clone();
+                        let events = options.events.clone();
                         journal.append_then(record, move |durable| match durable {
-                            Ok(()) => send_now(&sender, &outgoing.bytes, to),
+                            Ok(()) => {
+                                send_now(&sender, &outgoing.bytes, to);
+                                record_reply(&events, &outgoing);
+                            }
                             Err(error) => {
                                 tracing::error!(%error, %to, "dhcp: lease not durable; ACK withheld");
                             }
@@ -120,11 +133,16 @@ pub async fn run_with(
             };
             if let Some(outgoing) = immediate {
                 send_now(&socket, &outgoing.bytes, destination(&outgoing, from, &options));
+                record_reply(&options.events, &outgoing);
             }
         }
         Ok(())
     };
     tokio::task::spawn_blocking(serve).await.map_err(io::Error::other)?
+}
+
+fn record_reply(events: &BootEvents, outgoing: &Outgoing) {
+    events.record(|worker| super::reply_event(&outgoing.reply, worker));
 }
 
 /// A blocking send (from the loop, or from the journal's writer thread for durable replies).

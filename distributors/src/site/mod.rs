@@ -2,7 +2,7 @@
 //! TFTP and HTTP boot) from snapshots the manager publishes, and keeps serving the last good
 //! one while the manager or Redis is out of reach.
 //!
-//! Four tasks:
+//! Five tasks:
 //! - the **follower** waits on the bus for a newer generation, checks it
 //!   ([`DatacenterSnapshot::decode`]), fetches every file it names by digest into the local
 //!   cache, stores it on disk and only then swaps it in (a `watch` channel: readers see the
@@ -11,7 +11,9 @@
 //!   bound again when a snapshot changes what it serves;
 //! - the **HTTP** boot server ([`http`]) reads the current snapshot per request;
 //! - the **forwarder** sends queued host callbacks ([`local::Outbox`]) to the manager as
-//!   reports, deleting each only once the bus accepted it.
+//!   reports, deleting each only once the bus accepted it;
+//! - the **boot event forwarder** ([`boot_events::forward`]) reports what DHCP, TFTP and
+//!   HTTP did for machines, holding a bounded backlog while the bus is unreachable.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -26,6 +28,7 @@ use ctpf_store::artifacts::{ArtifactStore, FsArtifactStore};
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use crate::boot_events::{self, BootEvents};
 use crate::boot_service::{BootService, BootServiceConfig, DhcpSetting, TftpArtifacts};
 use crate::dhcp::{BootConfig, NetworkConfig};
 
@@ -231,6 +234,7 @@ fn boot_service_config(
     interface: &BootInterface,
     state: &DesiredState,
     cache: &Arc<dyn ArtifactStore>,
+    events: &BootEvents,
 ) -> Result<BootServiceConfig, String> {
     let netmask = match state.dhcp.prefix_len {
         Some(len) => Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)),
@@ -273,6 +277,7 @@ fn boot_service_config(
     };
     let files = state.boot.loaders.iter().map(|(name, f)| (name.clone(), f.digest)).collect();
     Ok(BootServiceConfig {
+        events: events.clone(),
         interface: interface.name.clone(),
         address: interface.address,
         dhcp,
@@ -289,6 +294,7 @@ async fn supervise_boot_service(
     interface: BootInterface,
     cache: Arc<dyn ArtifactStore>,
     mut snapshots: watch::Receiver<Option<Arc<DatacenterSnapshot>>>,
+    events: BootEvents,
     stop: CancellationToken,
 ) {
     loop {
@@ -303,7 +309,8 @@ async fn supervise_boot_service(
         };
         let binding = BootBinding::of(&snapshot.state);
         let running = stop.child_token();
-        let task = match boot_service_config(&config, &interface, &snapshot.state, &cache) {
+        let task = match boot_service_config(&config, &interface, &snapshot.state, &cache, &events)
+        {
             Ok(boot) => match BootService::bind(boot).await {
                 Ok(service) => {
                     tracing::info!(generation = snapshot.generation, "boot service bound");
@@ -422,10 +429,13 @@ pub async fn run(
         let (holder, bus, stop) = (holder.clone(), bus.clone(), shutdown.clone());
         tasks.spawn(async move { holder.follow(bus, stop).await });
     }
+    let (events, recorded) =
+        BootEvents::channel(&config.worker_id, Some(config.datacenter.clone()));
+    tasks.spawn(boot_events::forward(recorded, bus.clone(), shutdown.clone()));
     if let Some(interface) = config.boot_interface.clone() {
-        let (config, cache, snapshots, stop) =
-            (config.clone(), holder.cache(), holder.subscribe(), shutdown.clone());
-        tasks.spawn(supervise_boot_service(config, interface, cache, snapshots, stop));
+        let (config, cache, snapshots, events, stop) =
+            (config.clone(), holder.cache(), holder.subscribe(), events.clone(), shutdown.clone());
+        tasks.spawn(supervise_boot_service(config, interface, cache, snapshots, events, stop));
     }
     {
         let (outbox, ready, bus, stop) =
@@ -441,8 +451,9 @@ pub async fn run(
         outbox_ready,
         worker: config.worker_id.clone(),
         datacenter: config.datacenter.clone(),
+        events,
     };
-    let app = http::router(state);
+    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let stop = shutdown.clone();
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use thiserror::Error;
 use tokio::io::AsyncRead;
 
-pub use server::run;
+pub use server::{run, run_with_events};
 
 /// Server limits. Memory per transfer is bounded by `max_blksize * max_windowsize`, and the
 /// number of concurrent transfers by `max_transfers`.

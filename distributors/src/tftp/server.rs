@@ -26,6 +26,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use ctpf_common::EventBody;
+
+use crate::boot_events::{BootEvents, clip};
+
 use super::packet::{ErrorCode, Packet, TftpOption};
 use super::session::{RequestDecision, Step, Transfer, decide, negotiate};
 use super::{FileSource, SourceError, TftpConfig};
@@ -52,6 +56,17 @@ pub async fn run(
     socket: UdpSocket,
     source: Arc<dyn FileSource>,
     config: TftpConfig,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    run_with_events(socket, source, config, BootEvents::off(), shutdown).await
+}
+
+/// [`run`], recording every finished read (completed or not) in `events`.
+pub async fn run_with_events(
+    socket: UdpSocket,
+    source: Arc<dyn FileSource>,
+    config: TftpConfig,
+    events: BootEvents,
     shutdown: CancellationToken,
 ) -> io::Result<()> {
     let local_ip = socket.local_addr()?.ip();
@@ -102,6 +117,7 @@ pub async fn run(
                     options,
                     source: Arc::clone(&source),
                     config: config.clone(),
+                    events: events.clone(),
                     shutdown: transfers_shutdown.clone(),
                     _permit: permit,
                 }));
@@ -131,6 +147,7 @@ struct ReadRequest {
     options: Vec<TftpOption>,
     source: Arc<dyn FileSource>,
     config: TftpConfig,
+    events: BootEvents,
     shutdown: CancellationToken,
     /// Held for the whole transfer so `max_transfers` bounds concurrent transfers.
     _permit: OwnedSemaphorePermit,
@@ -186,6 +203,16 @@ async fn serve_read(request: ReadRequest) {
         }
         _ => warn!(%client, path, bytes, duration_ms, %outcome, "tftp transfer"),
     }
+    request.events.record(|worker| {
+        Some(EventBody::TftpTransfer {
+            worker,
+            client: client.ip().to_string(),
+            file: clip(path),
+            bytes,
+            millis: u64::try_from(duration_ms).unwrap_or(u64::MAX),
+            outcome: outcome.to_string(),
+        })
+    });
 }
 
 /// Runs one transfer; returns how it ended and the bytes the client acknowledged.
