@@ -266,6 +266,11 @@ pub struct WorkerArgs {
     /// Directory TFTP also serves (files no snapshot names) [default: DATA_DIR/tftp].
     #[arg(long, env = "CTPF_TFTP_ROOT", value_name = "DIR")]
     pub tftp_root: Option<PathBuf>,
+    /// Send IPv6 router advertisements (as no router: lifetime 0, no prefixes) on the boot
+    /// interface, so iPXE does not wait ~13 s for one on every boot. Leave it off on a LAN
+    /// with an IPv6 router of its own.
+    #[arg(long, env = "CTPF_IPV6_RA", requires = "boot_interface")]
+    pub ipv6_ra: bool,
     #[command(flatten)]
     pub engines: EngineArgs,
     #[command(flatten)]
@@ -834,6 +839,7 @@ fn site_config(
             ("--http-listen", args.http_listen.is_some()),
             ("--public-url", args.public_url.is_some()),
             ("--tftp-root", args.tftp_root.is_some()),
+            ("--ipv6-ra", args.ipv6_ra),
         ];
         if let Some((flag, _)) = stray.iter().find(|(_, given)| *given) {
             bail!("{flag} is for workers with the distributor role");
@@ -871,6 +877,7 @@ fn site_config(
         http_listen,
         public_url,
         tftp_root,
+        ipv6_router_adverts: args.ipv6_ra,
     }))
 }
 

@@ -153,6 +153,7 @@ fn a_site_worker_pxe_boots_a_machine_with_the_manager_and_redis_down() {
             token.trim(),
             "--boot-interface",
             &worker_if,
+            "--ipv6-ra",
             "--http-listen",
             &listen,
             "--tftp-root",

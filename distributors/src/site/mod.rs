@@ -63,6 +63,9 @@ pub struct SiteConfig {
     pub public_url: String,
     /// Files TFTP serves that no snapshot names (an empty directory is fine).
     pub tftp_root: PathBuf,
+    /// Send IPv6 router advertisements on the boot interface (see
+    /// [`crate::router_advert`]).
+    pub ipv6_router_adverts: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -283,7 +286,7 @@ fn boot_service_config(
         dhcp,
         tftp_root: config.tftp_root.clone(),
         boot: BootConfig::ipxe_chain(interface.address, &config.public_url),
-        ipv6_router_adverts: false,
+        ipv6_router_adverts: config.ipv6_router_adverts,
         tftp_artifacts: Some(TftpArtifacts { store: cache.clone(), files }),
     })
 }
