@@ -9,10 +9,18 @@
 //! they are not kept on disk, and a worker restarted during an outage loses its backlog.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use axum::{
+    body::HttpBody,
+    extract::{ConnectInfo, Query, Request, State},
+    http::header,
+    middleware::Next,
+    response::Response,
+};
 use ctpf_bus::Bus;
 use ctpf_common::{EventBody, Name, NewEvent};
 use tokio::sync::mpsc;
@@ -99,6 +107,59 @@ impl BootEvents {
             inner.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// The `mac` a boot script request names, if it is one.
+#[derive(serde::Deserialize)]
+struct MacParam {
+    mac: Option<String>,
+}
+
+/// Whether `path` is something a booting machine fetches: the scripts, `/boot/...` and the
+/// loaders at the top level (not the API, health checks or callbacks, which are events of
+/// their own).
+pub fn is_boot_path(path: &str) -> bool {
+    let top_level_file = path.strip_prefix('/').is_some_and(|p| !p.is_empty() && !p.contains('/'));
+    path.starts_with("/boot/") || (top_level_file && !matches!(path, "/healthz" | "/openapi.json"))
+}
+
+/// axum middleware (`from_fn_with_state(events, record_http)`) recording every boot request
+/// with its client, status, size and the MAC it names. The client address comes from
+/// `ConnectInfo<SocketAddr>`, which the server must provide.
+pub async fn record_http(
+    State(events): State<BootEvents>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let path = request.uri().path();
+    if !events.is_on() || !is_boot_path(path) {
+        return next.run(request).await;
+    }
+    let path = clip(path);
+    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+    let mac = Query::<MacParam>::try_from_uri(request.uri())
+        .ok()
+        .and_then(|q| q.0.mac)
+        .and_then(|mac| ctpf_common::MacAddr::parse("mac", &mac).ok());
+    let response = next.run(request).await;
+    // Files carry a Content-Length; scripts are whole strings whose size the body knows.
+    let bytes = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .or_else(|| response.body().size_hint().exact());
+    let status = response.status().as_u16();
+    events.record(|worker| {
+        Some(EventBody::HttpBoot {
+            worker,
+            client: client.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string()),
+            path,
+            status,
+            mac,
+            bytes,
+        })
+    });
+    response
 }
 
 /// Cuts text from the network to [`MAX_TEXT`] characters for an event.
@@ -269,6 +330,16 @@ mod tests {
             .collect();
         assert_eq!(kept, ["w3", "w4"]);
         assert_eq!(backlog.dropped, 3);
+    }
+
+    #[test]
+    fn boot_paths_are_what_machines_fetch() {
+        for path in ["/boot.ipxe", "/boot/ipxe", "/boot/discovery/x86_64/vmlinuz", "/ipxe.efi"] {
+            assert!(is_boot_path(path), "{path}");
+        }
+        for path in ["/healthz", "/openapi.json", "/v1/enroll", "/v1/hosts", "/"] {
+            assert!(!is_boot_path(path), "{path}");
+        }
     }
 
     #[test]

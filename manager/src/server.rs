@@ -160,9 +160,9 @@ pub async fn serve_api(
     http.title_case_headers(true).timer(hyper_util::rt::TokioTimer::new());
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: pause instead of spinning.
                     tracing::warn!(%error, "accepting an API connection failed");
@@ -172,7 +172,15 @@ pub async fn serve_api(
             },
             () = shutdown.cancelled() => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        // Boot events name the client, as `axum::serve` with connect info would.
+        let app = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut request: hyper::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+                request
+            },
+        );
+        let service = hyper_util::service::TowerToHyperService::new(app);
         let io = hyper_util::rt::TokioIo::new(stream);
         let connection = connections.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
@@ -415,15 +423,17 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
         }
         boot.tftp_artifacts = Some(TftpArtifacts { store: artifacts.clone(), files });
     }
+    // What the boot service and the HTTP boot routes do for machines, as events.
+    let (boot_events, recorded) =
+        BootEvents::channel(&boot_events_source, Some(plane.boot_datacenter.clone()));
+    tokio::spawn(boot_events::forward(recorded, bus.clone(), shutdown.clone()));
     let boot_service = match boot_service {
         Some(config) => {
             let mut boot = crate::boot_flags::boot_config(config.address, &public_url);
             if grub {
                 boot = boot.with_grub(&public_url);
             }
-            let (events, recorded) =
-                BootEvents::channel(&boot_events_source, Some(plane.boot_datacenter.clone()));
-            tokio::spawn(boot_events::forward(recorded, bus.clone(), shutdown.clone()));
+            let events = boot_events.clone();
             let service = BootService::bind(BootServiceConfig { boot, events, ..config }).await?;
             let stop_all = shutdown.clone();
             // A failed boot socket stops `ctpf up` rather than leaving it half-working.
@@ -437,8 +447,14 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
     };
     let boot =
         api::boot::BootSettings { base_url, datacenter: plane.boot_datacenter, discovery_cmdline };
-    let state =
-        AppState { registry, artifacts, shutdown: shutdown.clone(), boot, sites: plane.sites };
+    let state = AppState {
+        registry,
+        artifacts,
+        shutdown: shutdown.clone(),
+        boot,
+        sites: plane.sites,
+        boot_events,
+    };
     let served = serve_api(listener, state, shutdown.clone()).await;
     // Stop in order: no new requests, the local worker finishes its job and reports, then the
     // report loop applies what is left before the process exits.

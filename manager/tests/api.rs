@@ -45,6 +45,7 @@ async fn api() -> Api {
         shutdown,
         boot,
         sites: Default::default(),
+        boot_events: Default::default(),
     });
     Api { router, spec, token, _dir: dir }
 }

@@ -165,6 +165,33 @@ fn uefi_firmware_pxe_fetches_ipxe_over_tftp_then_boots_over_http() {
         "no complete TFTP transfer of ipxe.efi: {transfers:#?}\nserial:\n{}",
         vm.serial_tail(40)
     );
+    // The same boot, stage by stage, in the event stream: the firmware's DHCP answer and
+    // TFTP transfer of iPXE, then iPXE's HTTP fetch of the discovery kernel.
+    let events: Vec<Value> = String::from_utf8(site.cli(&["--json", "events"]))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let has = |wanted: &dyn Fn(&Value) -> bool| events.iter().any(wanted);
+    assert!(
+        has(&|e| e["type"] == "dhcp_replied"
+            && e["mac"] == native.mac.as_str()
+            && e["reply"] == "ack"
+            && e["boot_file"] == "ipxe.efi"),
+        "{events:#?}"
+    );
+    assert!(
+        has(&|e| e["type"] == "tftp_transfer"
+            && e["file"] == "ipxe.efi"
+            && e["outcome"] == "completed"),
+        "{events:#?}"
+    );
+    assert!(
+        has(&|e| e["type"] == "http_boot"
+            && e["path"] == "/boot/discovery/x86_64/vmlinuz"
+            && e["status"] == 200),
+        "{events:#?}"
+    );
 
     // A second NIC model: e1000 with QEMU's iPXE ROM (OVMF has no e1000 driver of its own).
     let e1000 = spec(Firmware::Uefi, "e1000", true, 0x21);

@@ -7,14 +7,14 @@
 //! their kernel command line; their callback lands here, goes to the outbox on disk, and is
 //! answered 202 (queued). The forwarder sends it on to the manager.
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    body::{Body, HttpBody},
-    extract::{ConnectInfo, Path, Query, Request, State},
+    body::Body,
+    extract::{Path, Query, State},
     http::{HeaderMap, StatusCode, header},
-    middleware::{self, Next},
+    middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -29,7 +29,7 @@ use ctpf_store::artifacts::ArtifactStore;
 use tokio::sync::{Notify, watch};
 
 use super::local::Outbox;
-use crate::boot_events::{BootEvents, clip};
+use crate::boot_events::{self, BootEvents};
 
 /// Largest callback body accepted (a host report is a few KiB).
 const MAX_CALLBACK_BYTES: usize = 256 * 1024;
@@ -59,50 +59,9 @@ pub fn router(state: SiteHttp) -> Router {
         .route("/v1/enroll", post(enroll))
         .route("/healthz", get(|| async { "ok" }))
         .route("/{file}", get(loader))
-        .layer(middleware::from_fn_with_state(state.clone(), record_boot_request))
+        .layer(middleware::from_fn_with_state(state.events.clone(), boot_events::record_http))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
         .with_state(state)
-}
-
-/// The `mac` a boot script request names, if it is one.
-#[derive(serde::Deserialize)]
-struct MacParam {
-    mac: Option<String>,
-}
-
-/// Records every boot request (not health checks, and not callbacks, which are events of
-/// their own) with its client, status and size.
-async fn record_boot_request(State(s): State<SiteHttp>, request: Request, next: Next) -> Response {
-    if !s.events.is_on() {
-        return next.run(request).await;
-    }
-    let path = request.uri().path().to_owned();
-    let client = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
-    let mac = Query::<MacParam>::try_from_uri(request.uri())
-        .ok()
-        .and_then(|q| q.0.mac)
-        .and_then(|mac| ctpf_common::MacAddr::parse("mac", &mac).ok());
-    let response = next.run(request).await;
-    if path != "/healthz" && path != "/v1/enroll" {
-        let status = response.status().as_u16();
-        // Files carry a Content-Length; scripts are whole strings whose size the body knows.
-        let bytes = response
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .or_else(|| response.body().size_hint().exact());
-        s.events.record(|worker| {
-            Some(EventBody::HttpBoot {
-                worker,
-                client: client.map_or_else(|| "unknown".to_owned(), |ip| ip.to_string()),
-                path: clip(&path),
-                status,
-                mac,
-                bytes,
-            })
-        });
-    }
-    response
 }
 
 fn text(status: StatusCode, message: impl Into<String>) -> Response {

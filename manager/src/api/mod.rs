@@ -50,6 +50,8 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     pub boot: boot::BootSettings,
     pub sites: sites::SiteSettings,
+    /// Where requests of booting machines are recorded for the event stream.
+    pub boot_events: ctpf_distributors::boot_events::BootEvents,
 }
 
 #[derive(OpenApi)]
@@ -115,6 +117,10 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
     let spec_json = spec.clone();
     let router = router
         .route("/openapi.json", axum::routing::get(move || async move { Json(spec_json) }))
+        .layer(middleware::from_fn_with_state(
+            state.boot_events.clone(),
+            ctpf_distributors::boot_events::record_http,
+        ))
         .layer(middleware::from_fn_with_state(state, require_token));
     (router, spec)
 }
