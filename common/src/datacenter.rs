@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use crate::{DhcpSettings, Name, Tags};
+use crate::{ArtifactName, DhcpSettings, Name, Tags};
 
 /// What a client sends to create a datacenter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -24,6 +24,9 @@ pub struct Datacenter {
     pub tags: Tags,
     #[serde(default)]
     pub dhcp: DhcpSettings,
+    /// The PXE bundle (an artifact of kind `pxe_bundle`) its distributors serve, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pxe_bundle: Option<ArtifactName>,
     #[serde(with = "time::serde::rfc3339")]
     #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
@@ -31,7 +34,7 @@ pub struct Datacenter {
 
 impl Datacenter {
     pub fn new(new: NewDatacenter, now: OffsetDateTime) -> Self {
-        Self { name: new.name, tags: new.tags, dhcp: new.dhcp, created_at: now }
+        Self { name: new.name, tags: new.tags, dhcp: new.dhcp, pxe_bundle: None, created_at: now }
     }
 }
 
@@ -43,4 +46,17 @@ pub struct DatacenterPatch {
     pub tags: Option<Tags>,
     #[serde(default)]
     pub dhcp: Option<DhcpSettings>,
+    /// An artifact name to serve that PXE bundle; `null` to serve none.
+    #[serde(default, deserialize_with = "given", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub pxe_bundle: Option<Option<ArtifactName>>,
+}
+
+/// For patch fields where absent (`None`) and `null` (`Some(None)`) differ.
+fn given<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }

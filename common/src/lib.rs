@@ -67,7 +67,7 @@ pub use package::{
     BootMode, InputArtifact, MediaEntry, MediaFormat, NewPackage, PackageManifest, PackageRequest,
 };
 pub use snapshot::{
-    BootAction, BootFiles, DatacenterSnapshot, DesiredState, DhcpMode, DhcpSettings,
+    BootAction, BootFiles, BundleFile, DatacenterSnapshot, DesiredState, DhcpMode, DhcpSettings,
     DiscoveryFiles, HostAssignment, Reservation, SnapshotError, SnapshotFile,
 };
 pub use ssh_key::{NewSshKey, SshKey, SshPublicKey};

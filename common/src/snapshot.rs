@@ -154,6 +154,18 @@ pub struct BootFiles {
     /// Extra kernel parameters of discovery boots.
     #[serde(default)]
     pub discovery_cmdline: String,
+    /// The PXE bundle the datacenter serves (`ctpf datacenter pxe-bundle`): every file of the
+    /// tar by its path, over TFTP and HTTP, after the loaders.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pxe_bundle: Option<BundleFile>,
+}
+
+/// A PXE bundle artifact a snapshot names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BundleFile {
+    pub name: crate::ArtifactName,
+    #[serde(flatten)]
+    pub file: SnapshotFile,
 }
 
 /// A datacenter's desired state, whole, at one generation.
@@ -275,7 +287,8 @@ impl DesiredState {
     pub fn files(&self) -> BTreeSet<SnapshotFile> {
         let loaders = self.boot.loaders.values().copied();
         let discovery = self.boot.discovery.values().flat_map(|d| [d.kernel, d.initrd]);
-        loaders.chain(discovery).collect()
+        let bundle = self.boot.pxe_bundle.iter().map(|b| b.file);
+        loaders.chain(discovery).chain(bundle).collect()
     }
 
     /// The host a machine is, by SMBIOS UUID first, then by MAC (as the manager decides).

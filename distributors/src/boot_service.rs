@@ -21,6 +21,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::boot_events::BootEvents;
+use crate::bundle::{BundleIndex, BundleSource};
 use crate::dhcp::{
     self, BootConfig, DhcpCore, LeaseLog, LogError, NetworkConfig, PoolConfig, RequestPort,
     server::Options,
@@ -75,6 +76,8 @@ pub struct BootServiceConfig {
 pub struct TftpArtifacts {
     pub store: Arc<dyn ArtifactStore>,
     pub files: BTreeMap<String, Sha256Digest>,
+    /// A PXE bundle served after `files` and before the TFTP root.
+    pub bundle: Option<Arc<BundleIndex>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -184,8 +187,14 @@ impl BootService {
             false => None,
         };
         let tftp_source: Arc<dyn FileSource> = match config.tftp_artifacts {
-            Some(TftpArtifacts { store, files }) => {
-                Arc::new(ArtifactSource::new(files, store, tftp_source))
+            Some(TftpArtifacts { store, files, bundle }) => {
+                let fallback: Arc<dyn FileSource> = match bundle {
+                    Some(index) => {
+                        Arc::new(BundleSource { index, fallback: Arc::new(tftp_source) })
+                    }
+                    None => Arc::new(tftp_source),
+                };
+                Arc::new(ArtifactSource::new(files, store, fallback))
             }
             None => Arc::new(tftp_source),
         };

@@ -4,6 +4,7 @@
 
 pub mod boot_events;
 pub mod boot_service;
+pub mod bundle;
 pub mod dhcp;
 pub mod heartbeat;
 pub mod jobs;

@@ -319,6 +319,17 @@ pub enum DatacenterCmd {
         #[arg(long = "dns", value_delimiter = ',')]
         dns: Vec<std::net::Ipv4Addr>,
     },
+    /// Serve a PXE bundle (an artifact of kind pxe_bundle, e.g. from `ctpf image build`) from
+    /// the datacenter's distributors over TFTP and HTTP, by its paths.
+    PxeBundle {
+        name: String,
+        /// The bundle artifact's name.
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        artifact: Option<String>,
+        /// Serve no bundle.
+        #[arg(long)]
+        none: bool,
+    },
     /// Reserve an address for a MAC (authoritative DHCP).
     Reserve {
         name: String,
@@ -751,7 +762,7 @@ async fn datacenter(cli: &Cli, cmd: &DatacenterCmd) -> Result<()> {
             let name = Name::parse("name", name)?;
             let tags: ctpf_common::Tags =
                 tags.iter().map(|t| t.parse::<Tag>()).collect::<Result<_, _>>()?;
-            let patch = ctpf_common::DatacenterPatch { tags: Some(tags), dhcp: None };
+            let patch = ctpf_common::DatacenterPatch { tags: Some(tags), ..Default::default() };
             let dc: Datacenter = api.patch(&format!("/v1/datacenters/{name}"), &patch).await?;
             println!("datacenter {} tags: {}", dc.name, dc.tags);
             Ok(())
@@ -785,9 +796,22 @@ async fn datacenter(cli: &Cli, cmd: &DatacenterCmd) -> Result<()> {
                 dns: dns.clone(),
             };
             dhcp.validate()?;
-            let patch = ctpf_common::DatacenterPatch { tags: None, dhcp: Some(dhcp) };
+            let patch = ctpf_common::DatacenterPatch { dhcp: Some(dhcp), ..Default::default() };
             let dc: Datacenter = api.patch(&format!("/v1/datacenters/{name}"), &patch).await?;
             println!("datacenter {} DHCP: {}", dc.name, label(&dc.dhcp.mode));
+            Ok(())
+        }
+        DatacenterCmd::PxeBundle { name, artifact, none: _ } => {
+            let name = Name::parse("name", name)?;
+            let bundle =
+                artifact.as_deref().map(|a| ArtifactName::parse("artifact", a)).transpose()?;
+            let patch =
+                ctpf_common::DatacenterPatch { pxe_bundle: Some(bundle), ..Default::default() };
+            let dc: Datacenter = api.patch(&format!("/v1/datacenters/{name}"), &patch).await?;
+            match &dc.pxe_bundle {
+                Some(bundle) => println!("datacenter {} serves PXE bundle {bundle}", dc.name),
+                None => println!("datacenter {} serves no PXE bundle", dc.name),
+            }
             Ok(())
         }
         DatacenterCmd::Reserve { name, mac, ip, hostname } => {

@@ -421,7 +421,7 @@ pub async fn run_control_plane(plane: ControlPlane, shutdown: CancellationToken)
                 .context("building the GRUB boot images (--pxe-loader grub)")?;
             files.extend(images);
         }
-        boot.tftp_artifacts = Some(TftpArtifacts { store: artifacts.clone(), files });
+        boot.tftp_artifacts = Some(TftpArtifacts { store: artifacts.clone(), files, bundle: None });
     }
     // What the boot service and the HTTP boot routes do for machines, as events.
     let (boot_events, recorded) =

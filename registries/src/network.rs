@@ -2,7 +2,8 @@
 //! datacenter's snapshot, which its distributors serve.
 
 use ctpf_common::{
-    Datacenter, DatacenterPatch, EventBody, MacAddr, Name, NewEvent, ParseError, Reservation,
+    Artifact, ArtifactKind, Datacenter, DatacenterPatch, EventBody, MacAddr, Name, NewEvent,
+    ParseError, Reservation,
 };
 use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
 
@@ -17,7 +18,8 @@ fn reserved_ip_key(datacenter: &Name, ip: std::net::Ipv4Addr) -> String {
 }
 
 impl Registry {
-    /// Replaces a datacenter's tags and/or DHCP settings.
+    /// Replaces a datacenter's tags, DHCP settings and/or PXE bundle (which must be a stored
+    /// `pxe_bundle` artifact).
     pub async fn update_datacenter(
         &self,
         name: &Name,
@@ -25,6 +27,24 @@ impl Registry {
     ) -> Result<Datacenter, RegistryError> {
         if let Some(dhcp) = &patch.dhcp {
             dhcp.validate()?;
+        }
+        if let Some(Some(bundle)) = &patch.pxe_bundle {
+            match self.get::<Artifact>(Table::Artifacts, bundle.as_str()).await? {
+                Some((artifact, _)) if artifact.kind == ArtifactKind::PxeBundle => {}
+                Some((artifact, _)) => {
+                    return Err(RegistryError::Invalid(ctpf_common::ParseError::new(
+                        "pxe_bundle",
+                        bundle.as_str(),
+                        format!("artifact is of kind {:?}, not pxe_bundle", artifact.kind),
+                    )));
+                }
+                None => {
+                    return Err(RegistryError::NotFound {
+                        kind: "artifact",
+                        id: bundle.to_string(),
+                    });
+                }
+            }
         }
         loop {
             let Some((mut dc, version)) =
@@ -37,6 +57,9 @@ impl Registry {
             }
             if let Some(dhcp) = &patch.dhcp {
                 dc.dhcp = dhcp.clone();
+            }
+            if let Some(bundle) = &patch.pxe_bundle {
+                dc.pxe_bundle = bundle.clone();
             }
             let commit = Commit::new()
                 .write(Write::put(

@@ -11,8 +11,9 @@ use std::collections::BTreeMap;
 
 use ctpf_bus::PublishedSnapshot;
 use ctpf_common::{
-    Arch, Artifact, BootFiles, Datacenter, DatacenterSnapshot, DesiredState, DiscoveryFiles,
-    EventBody, Host, HostAssignment, Name, NewEvent, Reservation, SnapshotFile,
+    Arch, Artifact, ArtifactKind, BootFiles, BundleFile, Datacenter, DatacenterSnapshot,
+    DesiredState, DiscoveryFiles, EventBody, Host, HostAssignment, Name, NewEvent, Reservation,
+    SnapshotFile,
 };
 use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
 use serde::{Deserialize, Serialize};
@@ -223,6 +224,14 @@ fn desired_state_of(
                 .insert(arch, DiscoveryFiles { kernel: file_of(kernel), initrd: file_of(initrd) });
         }
     }
+    // A bundle deleted (or replaced by another kind) since it was chosen is not served.
+    boot.pxe_bundle = dc.pxe_bundle.as_ref().and_then(|name| {
+        let artifact = by_name.get(name.as_str()).filter(|a| a.kind == ArtifactKind::PxeBundle);
+        if artifact.is_none() {
+            tracing::warn!(datacenter = %dc.name, bundle = %name, "the chosen PXE bundle is not a stored pxe_bundle artifact; serving none");
+        }
+        artifact.map(|a| BundleFile { name: a.name.clone(), file: file_of(a) })
+    });
     let mut hosts: Vec<HostAssignment> = sources
         .hosts
         .iter()

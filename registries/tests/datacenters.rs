@@ -7,9 +7,9 @@ use std::{sync::Arc, time::Duration};
 
 use ctpf_bus::{Bus, BusConfig, MemoryBus};
 use ctpf_common::{
-    Arch, BootAction, DatacenterPatch, DatacenterSnapshot, DhcpMode, DhcpSettings, EventBody,
-    HostReport, HostState, Name, NewDatacenter, NewEvent, NewJob, OffsetDateTime, Reservation,
-    Role, WorkerHeartbeat, WorkerIdentity, WorkerState,
+    Arch, ArtifactKind, BootAction, DatacenterPatch, DatacenterSnapshot, DhcpMode, DhcpSettings,
+    EventBody, HostReport, HostState, Name, NewDatacenter, NewEvent, NewJob, OffsetDateTime,
+    Reservation, Role, WorkerHeartbeat, WorkerIdentity, WorkerState,
 };
 use ctpf_registries::{Filter, Registry, RegistryError, SnapshotSettings};
 use ctpf_store::state::RedbStateStore;
@@ -54,7 +54,7 @@ async fn snapshots_get_a_new_generation_only_when_the_desired_state_changes() {
         range: Some(("10.1.0.100".parse().unwrap(), "10.1.0.199".parse().unwrap())),
         ..Default::default()
     };
-    reg.update_datacenter(&a, DatacenterPatch { dhcp: Some(dhcp.clone()), tags: None })
+    reg.update_datacenter(&a, DatacenterPatch { dhcp: Some(dhcp.clone()), ..Default::default() })
         .await
         .unwrap();
     reg.add_reservation(&a, reservation("52:54:00:aa:00:01", "10.1.0.10")).await.unwrap();
@@ -88,6 +88,50 @@ async fn snapshots_get_a_new_generation_only_when_the_desired_state_changes() {
     reg.update_host(host.id, patch).await.unwrap();
     reg.publish_snapshots(&settings).await.unwrap();
     assert_eq!(latest(&bus, &a).await.unwrap().state.hosts[0].boot, BootAction::LocalDisk);
+}
+
+#[tokio::test]
+async fn a_datacenter_serves_the_pxe_bundle_it_chose_while_it_exists() {
+    let dir = tempfile::tempdir().unwrap();
+    let (reg, bus) = setup(&dir);
+    let (a, b) = (datacenter(&reg, "dc-a").await, datacenter(&reg, "dc-b").await);
+    let settings = SnapshotSettings::default();
+    let artifact = |name: &str, kind| ctpf_common::Artifact {
+        name: name.parse().unwrap(),
+        digest: ctpf_common::Sha256Digest::of(name.as_bytes()),
+        kind,
+        size: 10,
+        tags: Default::default(),
+        created_at: OffsetDateTime::now_utc(),
+    };
+    reg.record_artifact(&artifact("rack-bundle", ArtifactKind::PxeBundle)).await.unwrap();
+    reg.record_artifact(&artifact("an-iso", ArtifactKind::Iso)).await.unwrap();
+    let choose = |name: Option<&str>| DatacenterPatch {
+        pxe_bundle: Some(name.map(|n| n.parse().unwrap())),
+        ..Default::default()
+    };
+
+    let missing = reg.update_datacenter(&a, choose(Some("nope"))).await.unwrap_err();
+    assert!(missing.to_string().contains("nope"), "{missing}");
+    let wrong_kind = reg.update_datacenter(&a, choose(Some("an-iso"))).await.unwrap_err();
+    assert!(wrong_kind.to_string().contains("not pxe_bundle"), "{wrong_kind}");
+
+    reg.update_datacenter(&a, choose(Some("rack-bundle"))).await.unwrap();
+    reg.publish_snapshots(&settings).await.unwrap();
+    let served = latest(&bus, &a).await.unwrap().state.boot.pxe_bundle.unwrap();
+    assert_eq!((served.name.as_str(), served.file.size), ("rack-bundle", 10));
+    assert!(latest(&bus, &b).await.unwrap().state.boot.pxe_bundle.is_none());
+    assert!(
+        latest(&bus, &a).await.unwrap().state.files().contains(&served.file),
+        "workers fetch the bundle like every other file"
+    );
+
+    // Deleted, it is no longer served; cleared, the datacenter names none.
+    reg.delete_artifact(&"rack-bundle".parse().unwrap()).await.unwrap();
+    reg.publish_snapshots(&settings).await.unwrap();
+    assert!(latest(&bus, &a).await.unwrap().state.boot.pxe_bundle.is_none());
+    let cleared = reg.update_datacenter(&a, choose(None)).await.unwrap();
+    assert_eq!(cleared.pxe_bundle, None);
 }
 
 #[tokio::test]

@@ -5,6 +5,8 @@
 //! - A reservation added to dc-a reaches only dc-a's worker: its DHCP answers the MAC with the
 //!   reserved address, dc-b's hands the same MAC an ordinary one.
 //! - A dc-a credential does not work for dc-b.
+//! - A PXE bundle chosen for dc-a is served by dc-a's worker (by its paths, over TFTP and
+//!   HTTP, offline too); dc-b's snapshot names none.
 //! - Each worker's DHCP answers show up in its own datacenter's events.
 //! - With the manager and Redis stopped, a restarted dc-a worker serves DHCP and HTTP boot
 //!   from the snapshot on its disk and takes a machine's callback; the callback reaches the
@@ -23,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ctpf_e2e::{CtpfProcess, Netns, RedisServer, UpAdmin, free_port, unique_suffix};
+use ctpf_e2e::{CtpfProcess, Netns, RedisServer, S3Server, UpAdmin, free_port, unique_suffix};
 use serde_json::Value;
 
 /// One site's boot network: a veth whose worker end is in the root namespace (the worker
@@ -114,28 +116,39 @@ fn run(cmd: &mut Command) {
 struct Manager {
     dir: tempfile::TempDir,
     redis: RedisServer,
+    s3: S3Server,
     admin: UpAdmin,
 }
+
+const S3_CREDENTIALS: [(&str, &str); 2] =
+    [("AWS_ACCESS_KEY_ID", S3Server::ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", S3Server::SECRET_KEY)];
 
 impl Manager {
     fn start() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let redis = RedisServer::start().unwrap();
-        let process = Self::spawn(&dir, &redis, "manager.log");
+        let s3 = S3Server::start().unwrap();
+        let process = Self::spawn(&dir, &redis, &s3, "manager.log");
         let admin = UpAdmin::new(process, &dir.path().join("data")).unwrap();
-        Self { dir, redis, admin }
+        Self { dir, redis, s3, admin }
     }
 
-    fn spawn(dir: &tempfile::TempDir, redis: &RedisServer, log: &str) -> CtpfProcess {
+    fn spawn(
+        dir: &tempfile::TempDir,
+        redis: &RedisServer,
+        s3: &S3Server,
+        log: &str,
+    ) -> CtpfProcess {
         let data = dir.path().join("data");
-        let url = redis.url();
-        let args = ["manager", "--redis", &url, "--data-dir", data.to_str().unwrap()];
+        let (url, endpoint) = (redis.url(), s3.endpoint());
+        let args =
+            ["manager", "--redis", &url, "--s3", &endpoint, "--data-dir", data.to_str().unwrap()];
         let args = [&args[..], &["--listen", "127.0.0.1:0", "--worker-lost-after", "6"]].concat();
-        CtpfProcess::start(&args, &[], dir.path().join(log), "listening on").unwrap()
+        CtpfProcess::start(&args, &S3_CREDENTIALS, dir.path().join(log), "listening on").unwrap()
     }
 
     fn restart(&mut self) {
-        let process = Self::spawn(&self.dir, &self.redis, "manager-2.log");
+        let process = Self::spawn(&self.dir, &self.redis, &self.s3, "manager-2.log");
         self.admin = UpAdmin::new(process, &self.dir.path().join("data")).unwrap();
     }
 
@@ -163,11 +176,13 @@ impl Manager {
     ) -> (CtpfProcess, String) {
         let data = self.dir.path().join(format!("{id}-data"));
         let listen = format!("{}.1:{}", net.prefix, free_port().unwrap());
-        let url = self.redis.url();
+        let (url, endpoint) = (self.redis.url(), self.s3.endpoint());
         let args = [
             "worker",
             "--redis",
             &url,
+            "--s3",
+            &endpoint,
             "--datacenter",
             datacenter,
             "--id",
@@ -184,7 +199,7 @@ impl Manager {
             data.to_str().unwrap(),
         ];
         let log = self.dir.path().join(format!("{id}.log"));
-        let mut worker = CtpfProcess::start(&args, &[], log, "ready").unwrap();
+        let mut worker = CtpfProcess::start(&args, &S3_CREDENTIALS, log, "ready").unwrap();
         worker.wait_for_output("(tftp)", Duration::from_secs(60)).unwrap();
         (worker, format!("http://{listen}"))
     }
@@ -203,7 +218,8 @@ impl Manager {
             }
             assert!(
                 Instant::now() < deadline,
-                "{datacenter} never served generation {generation}: {workers}"
+                "{datacenter} never served generation {generation}: {workers}\n{}",
+                self.worker_log_tails()
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -236,6 +252,21 @@ impl Manager {
         let listed = self.text(&["--json", "events"]);
         let last = listed.lines().last().map(|l| serde_json::from_str::<Value>(l).unwrap());
         last.and_then(|e| e["seq"].as_u64()).unwrap_or(0)
+    }
+
+    /// The last lines of every worker's log, for failure messages.
+    fn worker_log_tails(&self) -> String {
+        let mut tails = String::new();
+        for entry in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("worker-") && name.ends_with(".log") {
+                let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(15)..].join("\n");
+                tails.push_str(&format!("--- {name}\n{tail}\n"));
+            }
+        }
+        tails
     }
 
     fn generation(&self, datacenter: &str) -> u64 {
@@ -303,6 +334,33 @@ fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
         serde_json::json!([])
     );
 
+    // A PXE bundle chosen for dc-a: its files are fetched into dc-a's worker cache and served
+    // by their paths; dc-b's snapshot names none. Only a pxe_bundle artifact can be chosen.
+    let tree = manager.dir.path().join("bundle");
+    std::fs::create_dir_all(tree.join("custom")).unwrap();
+    std::fs::write(tree.join("custom/hello.txt"), "from the bundle\n").unwrap();
+    std::fs::write(tree.join("top.bin"), vec![5u8; 2000]).unwrap();
+    let bundle = manager.dir.path().join("bundle.tar");
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&tree)
+        .arg("-cf")
+        .arg(&bundle)
+        .args(["top.bin", "custom/hello.txt"]));
+    let bundle = bundle.to_str().unwrap();
+    manager.text(&["artifacts", "push", bundle, "--name", "site-bundle", "--kind", "pxe_bundle"]);
+    manager.text(&["artifacts", "push", bundle, "--name", "not-a-bundle"]);
+    let refused = manager.admin.refused(&["datacenter", "pxe-bundle", "dc-a", "not-a-bundle"]);
+    assert!(refused.contains("not pxe_bundle"), "{refused}");
+    manager.text(&["datacenter", "pxe-bundle", "dc-a", "site-bundle"]);
+    let generation = manager.generation("dc-a");
+    manager.wait_for_generation("dc-a", generation);
+    assert_eq!(
+        manager.json(&["datacenter", "snapshot", "dc-a"])["boot"]["pxe_bundle"]["name"],
+        "site-bundle"
+    );
+    assert!(manager.json(&["datacenter", "snapshot", "dc-b"])["boot"]["pxe_bundle"].is_null());
+
     // Both workers are listed per datacenter, and filters by tag work.
     let listed = manager.json(&["workers", "list", "--tag", "site=dc-b"]);
     let ids: Vec<&str> =
@@ -344,6 +402,17 @@ fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
         .http_get(&format!("{site_url}/boot/ipxe?mac={MAC}&arch=x86_64&platform=efi"))
         .expect("the machine script is served");
     assert!(script.contains("ctpf.token=ctpf_site_"), "{script}");
+
+    // The bundle's files, offline, over HTTP and TFTP.
+    let hello = net_a.http_get(&format!("{site_url}/custom/hello.txt"));
+    assert_eq!(hello.as_deref(), Some("from the bundle\n"));
+    let fetched = manager.dir.path().join("fetched-top.bin");
+    run(Command::new("ip")
+        .args(["netns", "exec", net_a.client.name(), "busybox", "tftp", "-g", "-r", "top.bin"])
+        .arg("-l")
+        .arg(&fetched)
+        .arg(format!("{}.1", net_a.prefix)));
+    assert_eq!(std::fs::read(&fetched).unwrap(), vec![5u8; 2000]);
 
     // TFTP serves from the worker's root too (busybox tftp plays a PXE ROM).
     let tftp_file = manager.dir.path().join("worker-a-data/tftp/loader.bin");

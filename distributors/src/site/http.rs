@@ -13,7 +13,7 @@ use axum::{
     Json, Router,
     body::Body,
     extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{HeaderMap, Method, StatusCode, Uri, header},
     middleware,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -30,6 +30,7 @@ use tokio::sync::{Notify, watch};
 
 use super::local::Outbox;
 use crate::boot_events::{self, BootEvents};
+use crate::bundle::BundleCache;
 
 /// Largest callback body accepted (a host report is a few KiB).
 const MAX_CALLBACK_BYTES: usize = 256 * 1024;
@@ -39,6 +40,7 @@ const MAX_CALLBACK_BYTES: usize = 256 * 1024;
 pub struct SiteHttp {
     pub snapshot: watch::Receiver<Option<Arc<DatacenterSnapshot>>>,
     pub cache: Arc<dyn ArtifactStore>,
+    pub bundles: BundleCache,
     pub base_url: BaseUrl,
     pub site_token: Arc<str>,
     pub outbox: Outbox,
@@ -59,6 +61,7 @@ pub fn router(state: SiteHttp) -> Router {
         .route("/v1/enroll", post(enroll))
         .route("/healthz", get(|| async { "ok" }))
         .route("/{file}", get(loader))
+        .fallback(bundle_file)
         .layer(middleware::from_fn_with_state(state.events.clone(), boot_events::record_http))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
         .with_state(state)
@@ -135,12 +138,49 @@ async fn discovery_file(
     stream(&s, &digest).await
 }
 
-/// A boot loader the snapshot names (`/ipxe.efi`, ...); nothing else is served from here.
+/// A boot loader the snapshot names (`/ipxe.efi`, ...), else a file of its PXE bundle.
 async fn loader(State(s): State<SiteHttp>, Path(file): Path<String>) -> Response {
     let Some(snapshot) = s.current() else { return no_snapshot() };
     match snapshot.state.boot.loaders.get(&file) {
         Some(stored) => stream(&s, &stored.digest).await,
-        None => text(StatusCode::NOT_FOUND, format!("no boot file {file:?}")),
+        None => from_bundle(&s, &snapshot, &file).await,
+    }
+}
+
+/// A file of the datacenter's PXE bundle by its path in the bundle (paths of more than one
+/// part; `/{file}` tries the bundle after the loaders).
+async fn bundle_file(State(s): State<SiteHttp>, method: Method, uri: Uri) -> Response {
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "boot files are only fetched with GET");
+    }
+    let Some(snapshot) = s.current() else { return no_snapshot() };
+    from_bundle(&s, &snapshot, uri.path().trim_start_matches('/')).await
+}
+
+async fn from_bundle(s: &SiteHttp, snapshot: &DatacenterSnapshot, path: &str) -> Response {
+    let not_found = || text(StatusCode::NOT_FOUND, format!("no boot file {path:?}"));
+    let Some(bundle) = &snapshot.state.boot.pxe_bundle else { return not_found() };
+    let opened = match s.bundles.index(bundle.file.digest).await {
+        Ok(index) => index.open(path).await,
+        Err(e) => Err(std::io::Error::other(e)),
+    };
+    match opened {
+        Ok(Some(file)) => {
+            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.reader));
+            (
+                [
+                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+                    (header::CONTENT_LENGTH, file.size.to_string()),
+                ],
+                body,
+            )
+                .into_response()
+        }
+        Ok(None) => not_found(),
+        Err(e) => {
+            tracing::error!(bundle = %bundle.name, error = %e, "cannot read the PXE bundle");
+            text(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the PXE bundle")
+        }
     }
 }
 

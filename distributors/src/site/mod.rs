@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::boot_events::{self, BootEvents};
 use crate::boot_service::{BootService, BootServiceConfig, DhcpSetting, TftpArtifacts};
+use crate::bundle::{BundleCache, BundleError, BundleIndex};
 use crate::dhcp::{BootConfig, NetworkConfig};
 
 pub mod http;
@@ -97,6 +98,8 @@ pub enum RefusedSnapshot {
     Store(#[from] local::LocalError),
     #[error("storing the snapshot stopped: {0}")]
     StoreTask(String),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
 }
 
 /// The snapshot a site serves and where it came from; shared by the tasks.
@@ -108,6 +111,7 @@ pub struct SnapshotHolder {
     /// Where files the cache lacks are fetched from (S3); `None`: the cache must have them.
     source: Option<Arc<dyn ArtifactStore>>,
     current: watch::Sender<Option<Arc<DatacenterSnapshot>>>,
+    bundles: BundleCache,
 }
 
 impl SnapshotHolder {
@@ -118,14 +122,15 @@ impl SnapshotHolder {
         source: Option<Arc<dyn ArtifactStore>>,
     ) -> Result<Self, SiteError> {
         let file = local::SnapshotFile::new(data_dir);
-        let cache: Arc<dyn ArtifactStore> =
-            Arc::new(FsArtifactStore::open(data_dir.join("cache")).await?);
+        let fs_cache = Arc::new(FsArtifactStore::open(data_dir.join("cache")).await?);
+        let bundles = BundleCache::new(fs_cache.clone());
+        let cache: Arc<dyn ArtifactStore> = fs_cache;
         let stored = file.load(&datacenter)?;
         if let Some(snapshot) = &stored {
             tracing::info!(generation = snapshot.generation, "serving the stored snapshot");
         }
         let (current, _) = watch::channel(stored.map(Arc::new));
-        Ok(Self { datacenter, file, cache, source, current })
+        Ok(Self { datacenter, file, cache, source, current, bundles })
     }
 
     pub fn generation(&self) -> u64 {
@@ -140,12 +145,22 @@ impl SnapshotHolder {
         self.cache.clone()
     }
 
+    /// Indexes of the PXE bundle served (see [`crate::bundle`]).
+    pub fn bundles(&self) -> BundleCache {
+        self.bundles.clone()
+    }
+
     /// Checks a published snapshot, fetches its files, stores it and swaps it in. Returns its
     /// generation.
     pub async fn accept(&self, body: &[u8]) -> Result<u64, RefusedSnapshot> {
         let snapshot = DatacenterSnapshot::decode(body, &self.datacenter, self.generation())?;
         for file in snapshot.state.files() {
             self.fetch(file.digest).await?;
+        }
+        // A bundle that cannot be served refuses the snapshot, like a missing file.
+        if let Some(bundle) = &snapshot.state.boot.pxe_bundle {
+            let index = self.bundles.index(bundle.file.digest).await?;
+            tracing::info!(bundle = %bundle.name, files = index.len(), "PXE bundle indexed");
         }
         let (file, to_store) = (self.file.clone(), snapshot.clone());
         tokio::task::spawn_blocking(move || file.store(&to_store))
@@ -218,6 +233,7 @@ struct BootBinding {
     dhcp: ctpf_common::DhcpSettings,
     reservations: Vec<ctpf_common::Reservation>,
     loaders: std::collections::BTreeMap<String, ctpf_common::SnapshotFile>,
+    pxe_bundle: Option<ctpf_common::BundleFile>,
 }
 
 impl BootBinding {
@@ -226,6 +242,7 @@ impl BootBinding {
             dhcp: state.dhcp.clone(),
             reservations: state.reservations.clone(),
             loaders: state.boot.loaders.clone(),
+            pxe_bundle: state.boot.pxe_bundle.clone(),
         }
     }
 }
@@ -237,6 +254,7 @@ fn boot_service_config(
     interface: &BootInterface,
     state: &DesiredState,
     cache: &Arc<dyn ArtifactStore>,
+    bundle: Option<Arc<BundleIndex>>,
     events: &BootEvents,
 ) -> Result<BootServiceConfig, String> {
     let netmask = match state.dhcp.prefix_len {
@@ -287,7 +305,7 @@ fn boot_service_config(
         tftp_root: config.tftp_root.clone(),
         boot: BootConfig::ipxe_chain(interface.address, &config.public_url),
         ipv6_router_adverts: config.ipv6_router_adverts,
-        tftp_artifacts: Some(TftpArtifacts { store: cache.clone(), files }),
+        tftp_artifacts: Some(TftpArtifacts { store: cache.clone(), files, bundle }),
     })
 }
 
@@ -296,6 +314,7 @@ async fn supervise_boot_service(
     config: SiteConfig,
     interface: BootInterface,
     cache: Arc<dyn ArtifactStore>,
+    bundles: BundleCache,
     mut snapshots: watch::Receiver<Option<Arc<DatacenterSnapshot>>>,
     events: BootEvents,
     stop: CancellationToken,
@@ -312,8 +331,19 @@ async fn supervise_boot_service(
         };
         let binding = BootBinding::of(&snapshot.state);
         let running = stop.child_token();
-        let task = match boot_service_config(&config, &interface, &snapshot.state, &cache, &events)
-        {
+        let bundle = match &snapshot.state.boot.pxe_bundle {
+            Some(bundle) => match bundles.index(bundle.file.digest).await {
+                Ok(index) => Some(index),
+                Err(e) => {
+                    tracing::error!(error = %e, "PXE bundle not served over TFTP");
+                    None
+                }
+            },
+            None => None,
+        };
+        let config_for_state =
+            boot_service_config(&config, &interface, &snapshot.state, &cache, bundle, &events);
+        let task = match config_for_state {
             Ok(boot) => match BootService::bind(boot).await {
                 Ok(service) => {
                     tracing::info!(generation = snapshot.generation, "boot service bound");
@@ -436,9 +466,17 @@ pub async fn run(
         BootEvents::channel(&config.worker_id, Some(config.datacenter.clone()));
     tasks.spawn(boot_events::forward(recorded, bus.clone(), shutdown.clone()));
     if let Some(interface) = config.boot_interface.clone() {
-        let (config, cache, snapshots, events, stop) =
-            (config.clone(), holder.cache(), holder.subscribe(), events.clone(), shutdown.clone());
-        tasks.spawn(supervise_boot_service(config, interface, cache, snapshots, events, stop));
+        let (config, cache, bundles, snapshots, events, stop) = (
+            config.clone(),
+            holder.cache(),
+            holder.bundles(),
+            holder.subscribe(),
+            events.clone(),
+            shutdown.clone(),
+        );
+        tasks.spawn(supervise_boot_service(
+            config, interface, cache, bundles, snapshots, events, stop,
+        ));
     }
     {
         let (outbox, ready, bus, stop) =
@@ -448,6 +486,7 @@ pub async fn run(
     let state = http::SiteHttp {
         snapshot: holder.subscribe(),
         cache: holder.cache(),
+        bundles: holder.bundles(),
         base_url,
         site_token,
         outbox,

@@ -215,8 +215,8 @@ mod tests {
         let body: ctpf_store::artifacts::BlobReader = Box::pin(&b"stored ipxe"[..]);
         let info = ctpf_store::artifacts::ArtifactStore::put(&store, body, None).await.unwrap();
         let files = [("ipxe.efi".to_owned(), info.digest)].into_iter().collect();
-        let source =
-            ArtifactSource::new(files, std::sync::Arc::new(store), DirSource::new(&root).unwrap());
+        let fallback = std::sync::Arc::new(DirSource::new(&root).unwrap());
+        let source = ArtifactSource::new(files, std::sync::Arc::new(store), fallback);
 
         let file = source.open("/ipxe.efi").await.unwrap().unwrap();
         assert_eq!(file.size, 11);
@@ -261,14 +261,14 @@ mod tests {
 pub struct ArtifactSource {
     files: std::collections::BTreeMap<String, ctpf_common::Sha256Digest>,
     store: std::sync::Arc<dyn ctpf_store::artifacts::ArtifactStore>,
-    fallback: DirSource,
+    fallback: std::sync::Arc<dyn FileSource>,
 }
 
 impl ArtifactSource {
     pub fn new(
         files: std::collections::BTreeMap<String, ctpf_common::Sha256Digest>,
         store: std::sync::Arc<dyn ctpf_store::artifacts::ArtifactStore>,
-        fallback: DirSource,
+        fallback: std::sync::Arc<dyn FileSource>,
     ) -> Self {
         Self { files, store, fallback }
     }

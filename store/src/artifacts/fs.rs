@@ -50,7 +50,9 @@ impl FsArtifactStore {
         Ok(Self { root })
     }
 
-    fn blob_path(&self, digest: &Sha256Digest) -> PathBuf {
+    /// The file holding `digest` (it may not exist). Blobs never change once stored, so a
+    /// reader may open it directly, e.g. to serve ranges of it.
+    pub fn blob_path(&self, digest: &Sha256Digest) -> PathBuf {
         let hex = digest.hex();
         self.root.join("sha256").join(&hex[..2]).join(hex)
     }
