@@ -254,6 +254,11 @@ pub struct WorkerArgs {
     /// its datacenter. Without one the Redis URL's user is used, trusted like the manager.
     #[arg(long, env = "CTPF_WORKER_TOKEN", hide_env_values = true)]
     pub worker_token: Option<String>,
+    /// Fetch the files snapshots name from this manager (its API URL), authenticated with
+    /// --worker-token, instead of from S3: no S3 credentials on the site, and only this
+    /// datacenter's files.
+    #[arg(long, env = "CTPF_MANAGER_URL", requires = "worker_token")]
+    pub manager_url: Option<String>,
     /// Serve the datacenter's network boot (DHCP, TFTP) on this interface (distributor role).
     #[arg(long, env = "CTPF_BOOT_INTERFACE", value_name = "IFACE")]
     pub boot_interface: Option<String>,
@@ -625,7 +630,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             let site = site_config(args, &identity, &data_dir)?;
             let shutdown = CancellationToken::new();
             server::cancel_on_signals(shutdown.clone())?;
-            let run = server::WorkerRun { redis, engines, data_dir, identity, token, site };
+            let manager_url = args.manager_url.clone();
+            let run =
+                server::WorkerRun { redis, engines, data_dir, identity, token, manager_url, site };
             server::run_worker(run, shutdown).await
         }
         Command::Workers(WorkersCmd::List { tags, datacenter }) => {

@@ -17,6 +17,7 @@ use ctpf_distributors::{
     boot_events::{self, BootEvents},
     boot_service::{BootService, BootServiceConfig, TftpArtifacts},
     jobs::WorkerConfig,
+    site::origin::{FileOrigin, ManagerOrigin, StoreOrigin},
 };
 use ctpf_packagers::service::{Packager, PackagerConfig};
 use ctpf_registries::{Registry, TokenRole, generate_token};
@@ -562,12 +563,14 @@ pub struct WorkerRun {
     /// A site worker's credential (`ctpf worker token create`); without one the worker uses
     /// the Redis URL's own user and is trusted like the manager.
     pub token: Option<ctpf_common::WorkerToken>,
+    /// Fetch snapshot files from this manager with `token` instead of from S3.
+    pub manager_url: Option<String>,
     /// The distributor's network side (distributor role only).
     pub site: Option<ctpf_distributors::site::SiteConfig>,
 }
 
 pub async fn run_worker(run: WorkerRun, shutdown: CancellationToken) -> Result<()> {
-    let WorkerRun { redis, engines, data_dir, identity, token, site } = run;
+    let WorkerRun { redis, engines, data_dir, identity, token, manager_url, site } = run;
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data dir {}", data_dir.display()))?;
     let bus = connect_worker_bus(&redis, &engines, &identity, token.as_ref()).await?;
@@ -597,12 +600,20 @@ pub async fn run_worker(run: WorkerRun, shutdown: CancellationToken) -> Result<(
     let mut tasks = tokio::task::JoinSet::new();
     let addresses: Vec<String> =
         site.iter().flat_map(|s| s.boot_interface.iter().map(|i| i.address.to_string())).collect();
+    // The manager checks the worker's credential and serves only its datacenter's files;
+    // S3 credentials would let it read everything.
+    let origin: Option<Arc<dyn FileOrigin>> = match (&manager_url, &token, &artifacts) {
+        (Some(url), Some(token), _) => Some(Arc::new(ManagerOrigin::new(url, token.clone()))),
+        (Some(_), None, _) => bail!("--manager-url needs --worker-token"),
+        (None, _, Some(artifacts)) => Some(Arc::new(StoreOrigin(artifacts.clone()))),
+        (None, _, None) => None,
+    };
     let holder = match &site {
         Some(site) => Some(Arc::new(
             ctpf_distributors::site::SnapshotHolder::open(
                 identity.datacenter.clone(),
                 &site.data_dir,
-                artifacts.clone(),
+                origin,
             )
             .await?,
         )),

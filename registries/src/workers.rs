@@ -95,6 +95,31 @@ impl Registry {
         }
     }
 
+    /// The live credential `token` proves (its secret matches and it is not revoked); any
+    /// other token is [`RegistryError::Forbidden`], without saying which check failed.
+    pub async fn verify_worker_token(
+        &self,
+        token: &WorkerToken,
+    ) -> Result<WorkerCredential, RegistryError> {
+        let refused = || RegistryError::Forbidden("unknown or revoked worker credential".into());
+        let Some((stored, _)) =
+            self.get::<StoredCredential>(Table::WorkerCredentials, &token.id).await?
+        else {
+            return Err(refused());
+        };
+        let presented = hex::encode(token.secret_sha256());
+        let same = presented.len() == stored.secret_sha256.len()
+            && presented
+                .bytes()
+                .zip(stored.secret_sha256.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same || stored.credential.revoked_at.is_some() {
+            return Err(refused());
+        }
+        Ok(stored.credential)
+    }
+
     /// Every worker credential, revoked ones included, filtered by datacenter and its tags.
     pub async fn worker_credentials(
         &self,

@@ -201,6 +201,10 @@ async fn workers_are_lost_when_silent_and_datacenters_with_workers_are_kept() {
     assert_eq!(credential.datacenter, a);
     assert_eq!(token.id, credential.id);
     assert_eq!(reg.authorize_workers().await.unwrap(), 1);
+    assert_eq!(reg.verify_worker_token(&token).await.unwrap(), credential);
+    let mut forged = token.clone();
+    forged.secret = "0".repeat(token.secret.len());
+    assert!(matches!(reg.verify_worker_token(&forged).await, Err(RegistryError::Forbidden(_))));
 
     bus.heartbeat(&heartbeat("w1", &a)).await.unwrap();
     let seen = reg.observe_workers(Duration::from_secs(60)).await.unwrap();
@@ -227,6 +231,7 @@ async fn workers_are_lost_when_silent_and_datacenters_with_workers_are_kept() {
     );
     reg.delete_datacenter(&a, true).await.unwrap();
     assert_eq!(reg.authorize_workers().await.unwrap(), 0, "its credential is revoked");
+    assert!(reg.verify_worker_token(&token).await.is_err(), "revoked");
     assert!(bus.workers().await.unwrap().is_empty());
     let listed = reg.worker_credentials(&Filter::default()).await.unwrap();
     assert!(listed[0].revoked_at.is_some());

@@ -6,7 +6,8 @@
 //!   reserved address, dc-b's hands the same MAC an ordinary one.
 //! - A dc-a credential does not work for dc-b.
 //! - A PXE bundle chosen for dc-a is served by dc-a's worker (by its paths, over TFTP and
-//!   HTTP, offline too); dc-b's snapshot names none.
+//!   HTTP, offline too); dc-b's snapshot names none. dc-a's worker fetches it through the
+//!   manager with its own credential, which serves no other datacenter's files.
 //! - Each worker's DHCP answers show up in its own datacenter's events.
 //! - With the manager and Redis stopped, a restarted dc-a worker serves DHCP and HTTP boot
 //!   from the snapshot on its disk and takes a machine's callback; the callback reaches the
@@ -176,13 +177,19 @@ impl Manager {
     ) -> (CtpfProcess, String) {
         let data = self.dir.path().join(format!("{id}-data"));
         let listen = format!("{}.1:{}", net.prefix, free_port().unwrap());
-        let (url, endpoint) = (self.redis.url(), self.s3.endpoint());
+        // dc-a's worker fetches its files through the manager with its credential (no S3
+        // credentials on the site); dc-b's straight from S3.
+        let url = self.redis.url();
+        let origin = match datacenter {
+            "dc-a" => ["--manager-url".to_owned(), self.admin.process.api().to_owned()],
+            _ => ["--s3".to_owned(), self.s3.endpoint()],
+        };
         let args = [
             "worker",
             "--redis",
             &url,
-            "--s3",
-            &endpoint,
+            &origin[0],
+            &origin[1],
             "--datacenter",
             datacenter,
             "--id",
@@ -199,7 +206,8 @@ impl Manager {
             data.to_str().unwrap(),
         ];
         let log = self.dir.path().join(format!("{id}.log"));
-        let mut worker = CtpfProcess::start(&args, &S3_CREDENTIALS, log, "ready").unwrap();
+        let credentials: &[(&str, &str)] = if datacenter == "dc-a" { &[] } else { &S3_CREDENTIALS };
+        let mut worker = CtpfProcess::start(&args, credentials, log, "ready").unwrap();
         worker.wait_for_output("(tftp)", Duration::from_secs(60)).unwrap();
         (worker, format!("http://{listen}"))
     }
@@ -360,6 +368,24 @@ fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
         "site-bundle"
     );
     assert!(manager.json(&["datacenter", "snapshot", "dc-b"])["boot"]["pxe_bundle"].is_null());
+    // The manager hands a worker only its own datacenter's files, and only for its credential.
+    let digest = manager.json(&["datacenter", "snapshot", "dc-a"])["boot"]["pxe_bundle"]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let file_url = format!("{}/v1/worker-files/{digest}", manager.admin.process.api());
+    let fetch_as = |token: Option<&str>| {
+        let mut curl = Command::new("curl");
+        curl.args(["-s", "-o", "/dev/null", "-w", "%{http_code}", &file_url]);
+        if let Some(token) = token {
+            curl.args(["-H", &format!("Authorization: Bearer {token}")]);
+        }
+        String::from_utf8(curl.output().unwrap().stdout).unwrap()
+    };
+    assert_eq!(fetch_as(Some(&tokens["dc-a"])), "200");
+    assert_eq!(fetch_as(Some(&tokens["dc-b"])), "404", "not a file of dc-b's snapshot");
+    assert_eq!(fetch_as(None), "401");
+    assert_eq!(fetch_as(Some(&manager.admin.token)), "401", "admin tokens are not worker tokens");
 
     // Both workers are listed per datacenter, and filters by tag work.
     let listed = manager.json(&["workers", "list", "--tag", "site=dc-b"]);

@@ -35,6 +35,7 @@ use crate::dhcp::{BootConfig, NetworkConfig};
 
 pub mod http;
 pub mod local;
+pub mod origin;
 
 /// How long one wait for a new snapshot lasts before the follower looks at shutdown again.
 const SNAPSHOT_WAIT: Duration = Duration::from_secs(5);
@@ -108,8 +109,8 @@ pub struct SnapshotHolder {
     datacenter: Name,
     file: local::SnapshotFile,
     cache: Arc<dyn ArtifactStore>,
-    /// Where files the cache lacks are fetched from (S3); `None`: the cache must have them.
-    source: Option<Arc<dyn ArtifactStore>>,
+    /// Where files the cache lacks are fetched from; `None`: the cache must have them.
+    origin: Option<Arc<dyn origin::FileOrigin>>,
     current: watch::Sender<Option<Arc<DatacenterSnapshot>>>,
     bundles: BundleCache,
 }
@@ -119,7 +120,7 @@ impl SnapshotHolder {
     pub async fn open(
         datacenter: Name,
         data_dir: &std::path::Path,
-        source: Option<Arc<dyn ArtifactStore>>,
+        origin: Option<Arc<dyn origin::FileOrigin>>,
     ) -> Result<Self, SiteError> {
         let file = local::SnapshotFile::new(data_dir);
         let fs_cache = Arc::new(FsArtifactStore::open(data_dir.join("cache")).await?);
@@ -130,7 +131,7 @@ impl SnapshotHolder {
             tracing::info!(generation = snapshot.generation, "serving the stored snapshot");
         }
         let (current, _) = watch::channel(stored.map(Arc::new));
-        Ok(Self { datacenter, file, cache, source, current, bundles })
+        Ok(Self { datacenter, file, cache, origin, current, bundles })
     }
 
     pub fn generation(&self) -> u64 {
@@ -178,13 +179,13 @@ impl SnapshotHolder {
         if self.cache.stat(&digest).await.map_err(|e| failed(e.to_string()))?.is_some() {
             return Ok(());
         }
-        let Some(source) = &self.source else {
+        let Some(origin) = &self.origin else {
             return Err(failed(
-                "not in the local cache, and no artifact store to fetch from (--s3)".into(),
+                "not in the local cache, and nowhere to fetch from (--manager-url or --s3)".into(),
             ));
         };
-        let blob = source.get(&digest).await.map_err(|e| failed(e.to_string()))?;
-        self.cache.put(blob.reader, Some(digest)).await.map_err(|e| failed(e.to_string()))?;
+        let reader = origin.fetch(&digest).await.map_err(failed)?;
+        self.cache.put(reader, Some(digest)).await.map_err(|e| failed(e.to_string()))?;
         Ok(())
     }
 

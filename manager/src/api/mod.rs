@@ -82,6 +82,7 @@ pub fn router_and_spec(state: AppState) -> (Router, utoipa::openapi::OpenApi) {
         .routes(routes!(sites::remove_reservation))
         .routes(routes!(sites::get_snapshot))
         .routes(routes!(sites::list_workers))
+        .routes(routes!(sites::worker_file))
         .routes(routes!(sites::list_worker_credentials, sites::create_worker_credential))
         .routes(routes!(sites::revoke_worker_credential))
         .routes(routes!(list_hosts, create_host))
@@ -134,6 +135,8 @@ pub fn router(state: AppState) -> Router {
 fn is_public(path: &str) -> bool {
     matches!(path, "/healthz" | "/openapi.json" | "/v1/enroll" | "/boot.ipxe")
         || path.starts_with("/boot/")
+        // Checks the worker's own credential.
+        || path.starts_with("/v1/worker-files/")
         || path
             .strip_prefix('/')
             .is_some_and(|file| crate::boot_artifacts::HTTP_BOOT_FILES.contains(&file))

@@ -6,11 +6,12 @@ use std::time::Duration;
 use axum::{
     Json,
     extract::{Path, State},
-    http::StatusCode,
+    http::{HeaderMap, Method, StatusCode},
+    response::Response,
 };
 use ctpf_common::{
-    Datacenter, DatacenterPatch, DatacenterSnapshot, MacAddr, Name, Reservation, WorkerCredential,
-    WorkerStatus,
+    Datacenter, DatacenterPatch, DatacenterSnapshot, MacAddr, Name, Reservation, Sha256Digest,
+    WorkerCredential, WorkerStatus, WorkerToken,
 };
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -99,6 +100,38 @@ pub(super) async fn get_snapshot(
             Err(ApiError::not_found(format!("no snapshot published for datacenter {name} yet")))
         }
     }
+}
+
+/// A file the caller's datacenter's current snapshot names, for site workers that fetch
+/// through the manager instead of holding S3 credentials. Takes the worker's own token
+/// (`Authorization: Bearer ctpf_wk_...`), not an admin token; any other file is 404.
+#[utoipa::path(get, path = "/v1/worker-files/{digest}", tag = "workers",
+    params(("digest" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn worker_file(
+    State(s): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> Result<Response, ApiError> {
+    let token: WorkerToken = super::bearer(&headers)
+        .ok_or_else(ApiError::unauthorized)?
+        .parse()
+        .map_err(|_| ApiError::unauthorized())?;
+    let credential = s.registry.verify_worker_token(&token).await?;
+    let digest = Sha256Digest::parse("digest", &digest)?;
+    let named = s
+        .registry
+        .snapshot(&credential.datacenter)
+        .await?
+        .is_some_and(|snapshot| snapshot.state.files().iter().any(|f| f.digest == digest));
+    if !named {
+        return Err(ApiError::not_found(format!(
+            "{digest} is not a file of datacenter {}'s snapshot",
+            credential.datacenter
+        )));
+    }
+    super::download::stream_blob(&s, &method, &headers, &digest, None).await
 }
 
 /// Workers that dialled in, per datacenter, alive or lost (`?tag=`, `?datacenter=`).
