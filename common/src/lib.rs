@@ -52,7 +52,7 @@ mod worker;
 
 pub use artifact::{Artifact, ArtifactKind};
 pub use build::{BuildLogLine, BuildManifest, BuildOutput, BuildRequest, LogStream, NewBuild};
-pub use datacenter::{Datacenter, DatacenterPatch, NewDatacenter};
+pub use datacenter::{Datacenter, DatacenterPatch, DiscoveryChoice, NewDatacenter};
 pub use digest::Sha256Digest;
 pub use enroll::{Disk, HostReport, Inventory};
 pub use error::ParseError;

@@ -335,6 +335,20 @@ pub enum DatacenterCmd {
         #[arg(long)]
         none: bool,
     },
+    /// Boot a chosen discovery image (kernel and initrd artifacts) on one architecture
+    /// instead of the latest built one.
+    Discovery {
+        name: String,
+        #[arg(long, default_value = "x86_64")]
+        arch: String,
+        #[arg(long, required_unless_present = "latest", requires = "initrd")]
+        kernel: Option<String>,
+        #[arg(long, required_unless_present = "latest", requires = "kernel")]
+        initrd: Option<String>,
+        /// Back to the latest built image.
+        #[arg(long, conflicts_with_all = ["kernel", "initrd"])]
+        latest: bool,
+    },
     /// Reserve an address for a MAC (authoritative DHCP).
     Reserve {
         name: String,
@@ -818,6 +832,37 @@ async fn datacenter(cli: &Cli, cmd: &DatacenterCmd) -> Result<()> {
             match &dc.pxe_bundle {
                 Some(bundle) => println!("datacenter {} serves PXE bundle {bundle}", dc.name),
                 None => println!("datacenter {} serves no PXE bundle", dc.name),
+            }
+            Ok(())
+        }
+        DatacenterCmd::Discovery { name, arch, kernel, initrd, latest: _ } => {
+            let name = Name::parse("name", name)?;
+            let arch: ctpf_common::Arch = arch.parse()?;
+            let path = format!("/v1/datacenters/{name}");
+            let mut choices = api.get::<Datacenter>(&path, &[]).await?.discovery;
+            match (kernel, initrd) {
+                (Some(kernel), Some(initrd)) => {
+                    let choice = ctpf_common::DiscoveryChoice {
+                        kernel: ArtifactName::parse("kernel", kernel)?,
+                        initrd: ArtifactName::parse("initrd", initrd)?,
+                    };
+                    choices.insert(arch, choice);
+                }
+                _ => {
+                    choices.remove(&arch);
+                }
+            }
+            let patch =
+                ctpf_common::DatacenterPatch { discovery: Some(choices), ..Default::default() };
+            let dc: Datacenter = api.patch(&path, &patch).await?;
+            match dc.discovery.get(&arch) {
+                Some(c) => println!(
+                    "datacenter {} boots {arch} discovery from {} and {}",
+                    dc.name, c.kernel, c.initrd
+                ),
+                None => {
+                    println!("datacenter {} boots the latest built {arch} discovery image", dc.name)
+                }
             }
             Ok(())
         }

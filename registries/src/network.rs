@@ -2,12 +2,16 @@
 //! datacenter's snapshot, which its distributors serve.
 
 use ctpf_common::{
-    Artifact, ArtifactKind, Datacenter, DatacenterPatch, EventBody, MacAddr, Name, NewEvent,
-    ParseError, Reservation,
+    Artifact, ArtifactKind, ArtifactName, Datacenter, DatacenterPatch, EventBody, MacAddr, Name,
+    NewEvent, ParseError, Reservation,
 };
 use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
 
 use crate::{Registry, RegistryError, encode};
+
+fn kind_name(kind: ArtifactKind) -> String {
+    serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
 
 fn reservation_key(datacenter: &Name, mac: MacAddr) -> String {
     format!("{datacenter}/{mac}")
@@ -29,21 +33,13 @@ impl Registry {
             dhcp.validate()?;
         }
         if let Some(Some(bundle)) = &patch.pxe_bundle {
-            match self.get::<Artifact>(Table::Artifacts, bundle.as_str()).await? {
-                Some((artifact, _)) if artifact.kind == ArtifactKind::PxeBundle => {}
-                Some((artifact, _)) => {
-                    return Err(RegistryError::Invalid(ctpf_common::ParseError::new(
-                        "pxe_bundle",
-                        bundle.as_str(),
-                        format!("artifact is of kind {:?}, not pxe_bundle", artifact.kind),
-                    )));
-                }
-                None => {
-                    return Err(RegistryError::NotFound {
-                        kind: "artifact",
-                        id: bundle.to_string(),
-                    });
-                }
+            self.expect_artifact("pxe_bundle", bundle, ArtifactKind::PxeBundle).await?;
+        }
+        for (arch, choice) in patch.discovery.iter().flatten() {
+            for (name, kind) in
+                [(&choice.kernel, ArtifactKind::Kernel), (&choice.initrd, ArtifactKind::Initrd)]
+            {
+                self.expect_artifact(&format!("discovery.{arch}"), name, kind).await?;
             }
         }
         loop {
@@ -61,6 +57,9 @@ impl Registry {
             if let Some(bundle) = &patch.pxe_bundle {
                 dc.pxe_bundle = bundle.clone();
             }
+            if let Some(discovery) = &patch.discovery {
+                dc.discovery = discovery.clone();
+            }
             let commit = Commit::new()
                 .write(Write::put(
                     Table::Datacenters,
@@ -77,6 +76,28 @@ impl Registry {
                 Err(StateError::Conflict { .. }) => continue,
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// Refuses `name` unless it is a stored artifact of `kind`; `field` names the setting.
+    async fn expect_artifact(
+        &self,
+        field: &str,
+        name: &ArtifactName,
+        kind: ArtifactKind,
+    ) -> Result<(), RegistryError> {
+        match self.get::<Artifact>(Table::Artifacts, name.as_str()).await? {
+            Some((artifact, _)) if artifact.kind == kind => Ok(()),
+            Some((artifact, _)) => Err(RegistryError::Invalid(ParseError::new(
+                field,
+                name.as_str(),
+                format!(
+                    "artifact is of kind {}, not {}",
+                    kind_name(artifact.kind),
+                    kind_name(kind)
+                ),
+            ))),
+            None => Err(RegistryError::NotFound { kind: "artifact", id: name.to_string() }),
         }
     }
 

@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 
 use ctpf_bus::PublishedSnapshot;
 use ctpf_common::{
-    Arch, Artifact, ArtifactKind, BootFiles, BundleFile, Datacenter, DatacenterSnapshot,
-    DesiredState, DiscoveryFiles, EventBody, Host, HostAssignment, Name, NewEvent, Reservation,
-    SnapshotFile,
+    Arch, Artifact, ArtifactKind, ArtifactName, BootFiles, BundleFile, Datacenter,
+    DatacenterSnapshot, DesiredState, DiscoveryFiles, EventBody, Host, HostAssignment, Name,
+    NewEvent, Reservation, SnapshotFile,
 };
 use ctpf_store::state::{Commit, Precondition, StateError, Table, Write};
 use serde::{Deserialize, Serialize};
@@ -217,8 +217,27 @@ fn desired_state_of(
         }
     }
     for arch in Arch::ALL {
-        let kernel = by_name.get(format!("discovery-{arch}-vmlinuz").as_str()).copied();
-        let initrd = by_name.get(format!("discovery-{arch}-initrd").as_str()).copied();
+        // The datacenter's own choice, else the latest built image. A chosen image that is
+        // gone is not replaced by another one behind the operator's back.
+        let (kernel, initrd) = match dc.discovery.get(&arch) {
+            Some(choice) => {
+                let of_kind = |name: &ArtifactName, kind| {
+                    by_name.get(name.as_str()).copied().filter(|a| a.kind == kind)
+                };
+                let chosen = (
+                    of_kind(&choice.kernel, ArtifactKind::Kernel),
+                    of_kind(&choice.initrd, ArtifactKind::Initrd),
+                );
+                if chosen.0.is_none() || chosen.1.is_none() {
+                    tracing::warn!(datacenter = %dc.name, %arch, "the chosen discovery image's artifacts are missing; serving none");
+                }
+                chosen
+            }
+            None => (
+                by_name.get(format!("discovery-{arch}-vmlinuz").as_str()).copied(),
+                by_name.get(format!("discovery-{arch}-initrd").as_str()).copied(),
+            ),
+        };
         if let (Some(kernel), Some(initrd)) = (kernel, initrd) {
             boot.discovery
                 .insert(arch, DiscoveryFiles { kernel: file_of(kernel), initrd: file_of(initrd) });

@@ -132,6 +132,41 @@ async fn a_datacenter_serves_the_pxe_bundle_it_chose_while_it_exists() {
     assert!(latest(&bus, &a).await.unwrap().state.boot.pxe_bundle.is_none());
     let cleared = reg.update_datacenter(&a, choose(None)).await.unwrap();
     assert_eq!(cleared.pxe_bundle, None);
+
+    // Discovery: the latest built image unless the datacenter chose its own.
+    for (name, kind) in [
+        ("discovery-x86_64-vmlinuz", ArtifactKind::Kernel),
+        ("discovery-x86_64-initrd", ArtifactKind::Initrd),
+        ("lab-vmlinuz", ArtifactKind::Kernel),
+        ("lab-initrd", ArtifactKind::Initrd),
+    ] {
+        reg.record_artifact(&artifact(name, kind)).await.unwrap();
+    }
+    let pick = |kernel: &str, initrd: &str| DatacenterPatch {
+        discovery: Some(
+            [(
+                Arch::X86_64,
+                ctpf_common::DiscoveryChoice {
+                    kernel: kernel.parse().unwrap(),
+                    initrd: initrd.parse().unwrap(),
+                },
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    let swapped = reg.update_datacenter(&a, pick("lab-initrd", "lab-vmlinuz")).await.unwrap_err();
+    assert!(swapped.to_string().contains("not kernel"), "{swapped}");
+    reg.update_datacenter(&a, pick("lab-vmlinuz", "lab-initrd")).await.unwrap();
+    reg.publish_snapshots(&settings).await.unwrap();
+    let kernel_of =
+        |snapshot: DatacenterSnapshot| snapshot.state.boot.discovery[&Arch::X86_64].kernel;
+    let digest = |name: &str| ctpf_common::Sha256Digest::of(name.as_bytes());
+    assert_eq!(kernel_of(latest(&bus, &a).await.unwrap()).digest, digest("lab-vmlinuz"));
+    assert_eq!(
+        kernel_of(latest(&bus, &b).await.unwrap()).digest,
+        digest("discovery-x86_64-vmlinuz")
+    );
 }
 
 #[tokio::test]

@@ -360,6 +360,16 @@ fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
     manager.text(&["artifacts", "push", bundle, "--name", "not-a-bundle"]);
     let refused = manager.admin.refused(&["datacenter", "pxe-bundle", "dc-a", "not-a-bundle"]);
     assert!(refused.contains("not pxe_bundle"), "{refused}");
+    let refused = manager.admin.refused(&[
+        "datacenter",
+        "discovery",
+        "dc-a",
+        "--kernel",
+        "site-bundle",
+        "--initrd",
+        "site-bundle",
+    ]);
+    assert!(refused.contains("not kernel"), "{refused}");
     manager.text(&["datacenter", "pxe-bundle", "dc-a", "site-bundle"]);
     let generation = manager.generation("dc-a");
     manager.wait_for_generation("dc-a", generation);
