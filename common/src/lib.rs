@@ -79,3 +79,19 @@ pub use worker::{
 /// Re-exported so downstream crates agree on one time and id type.
 pub use time::OffsetDateTime;
 pub use uuid::Uuid;
+
+/// Compares two secrets without an early exit, so the time taken does not reveal how much of
+/// a guess was right.
+pub fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod secret_tests {
+    #[test]
+    fn secrets_match_only_when_equal() {
+        assert!(super::same_secret("abc", "abc"));
+        assert!(!super::same_secret("abc", "abd"));
+        assert!(!super::same_secret("abc", "abcd"));
+    }
+}

@@ -115,12 +115,11 @@ struct MacParam {
     mac: Option<String>,
 }
 
-/// Whether `path` is something a booting machine fetches: the scripts, `/boot/...` and the
-/// loaders at the top level (not the API, health checks or callbacks, which are events of
-/// their own).
+/// Whether `path` is something a booting machine fetches: everything the boot servers serve
+/// (scripts, `/boot/...`, loaders, PXE bundle files) but the API under `/v1/` (callbacks
+/// are events of their own) and the health and API documents.
 pub fn is_boot_path(path: &str) -> bool {
-    let top_level_file = path.strip_prefix('/').is_some_and(|p| !p.is_empty() && !p.contains('/'));
-    path.starts_with("/boot/") || (top_level_file && !matches!(path, "/healthz" | "/openapi.json"))
+    path.len() > 1 && !path.starts_with("/v1/") && !matches!(path, "/healthz" | "/openapi.json")
 }
 
 /// axum middleware (`from_fn_with_state(events, record_http)`) recording every boot request
@@ -334,7 +333,13 @@ mod tests {
 
     #[test]
     fn boot_paths_are_what_machines_fetch() {
-        for path in ["/boot.ipxe", "/boot/ipxe", "/boot/discovery/x86_64/vmlinuz", "/ipxe.efi"] {
+        for path in [
+            "/boot.ipxe",
+            "/boot/ipxe",
+            "/boot/discovery/x86_64/vmlinuz",
+            "/ipxe.efi",
+            "/custom/hello.txt",
+        ] {
             assert!(is_boot_path(path), "{path}");
         }
         for path in ["/healthz", "/openapi.json", "/v1/enroll", "/v1/hosts", "/"] {
@@ -395,7 +400,12 @@ mod tests {
 
     #[tokio::test]
     async fn off_records_nothing_and_a_closed_channel_counts_drops() {
-        BootEvents::off().record(|worker| Some(EventBody::WorkerStarted { worker }));
+        let mut built = false;
+        BootEvents::off().record(|worker| {
+            built = true;
+            Some(EventBody::WorkerStarted { worker })
+        });
+        assert!(!built, "an event is not even built when recording is off");
         let (events, receiver) = BootEvents::channel("w1", None);
         drop(receiver.receiver);
         events.record(|worker| Some(EventBody::WorkerStarted { worker }));

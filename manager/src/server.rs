@@ -603,7 +603,9 @@ pub async fn run_worker(run: WorkerRun, shutdown: CancellationToken) -> Result<(
     // The manager checks the worker's credential and serves only its datacenter's files;
     // S3 credentials would let it read everything.
     let origin: Option<Arc<dyn FileOrigin>> = match (&manager_url, &token, &artifacts) {
-        (Some(url), Some(token), _) => Some(Arc::new(ManagerOrigin::new(url, token.clone()))),
+        (Some(url), Some(token), _) => Some(Arc::new(
+            ManagerOrigin::new(url, token.clone()).context("the HTTP client for --manager-url")?,
+        )),
         (Some(_), None, _) => bail!("--manager-url needs --worker-token"),
         (None, _, Some(artifacts)) => Some(Arc::new(StoreOrigin(artifacts.clone()))),
         (None, _, None) => None,

@@ -108,12 +108,7 @@ impl Registry {
             return Err(refused());
         };
         let presented = hex::encode(token.secret_sha256());
-        let same = presented.len() == stored.secret_sha256.len()
-            && presented
-                .bytes()
-                .zip(stored.secret_sha256.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
+        let same = ctpf_common::same_secret(&presented, &stored.secret_sha256);
         if !same || stored.credential.revoked_at.is_some() {
             return Err(refused());
         }

@@ -521,4 +521,8 @@ fn each_datacenter_gets_its_own_state_and_a_worker_serves_offline() {
         e["type"] == "tftp_transfer" && e["file"] == "loader.bin"
     });
     assert_eq!((sent["outcome"].as_str(), sent["bytes"].as_u64()), (Some("completed"), Some(3000)));
+    let bundle_fetch = manager.wait_for_event("dc-a", before_outage, |e| {
+        e["type"] == "http_boot" && e["path"] == "/custom/hello.txt"
+    });
+    assert_eq!(bundle_fetch["status"], 200, "{bundle_fetch}");
 }

@@ -165,17 +165,7 @@ async fn from_bundle(s: &SiteHttp, snapshot: &DatacenterSnapshot, path: &str) ->
         Err(e) => Err(std::io::Error::other(e)),
     };
     match opened {
-        Ok(Some(file)) => {
-            let body = Body::from_stream(tokio_util::io::ReaderStream::new(file.reader));
-            (
-                [
-                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-                    (header::CONTENT_LENGTH, file.size.to_string()),
-                ],
-                body,
-            )
-                .into_response()
-        }
+        Ok(Some(file)) => octet_stream(file.reader, file.size),
         Ok(None) => not_found(),
         Err(e) => {
             tracing::error!(bundle = %bundle.name, error = %e, "cannot read the PXE bundle");
@@ -184,19 +174,22 @@ async fn from_bundle(s: &SiteHttp, snapshot: &DatacenterSnapshot, path: &str) ->
     }
 }
 
+/// A file's bytes as the body, with its length (GRUB and iPXE want one).
+fn octet_stream(reader: impl tokio::io::AsyncRead + Send + 'static, size: u64) -> Response {
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(reader));
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
+            (header::CONTENT_LENGTH, size.to_string()),
+        ],
+        body,
+    )
+        .into_response()
+}
+
 async fn stream(s: &SiteHttp, digest: &Sha256Digest) -> Response {
     match s.cache.get(digest).await {
-        Ok(blob) => {
-            let body = Body::from_stream(tokio_util::io::ReaderStream::new(blob.reader));
-            (
-                [
-                    (header::CONTENT_TYPE, "application/octet-stream".to_owned()),
-                    (header::CONTENT_LENGTH, blob.size.to_string()),
-                ],
-                body,
-            )
-                .into_response()
-        }
+        Ok(blob) => octet_stream(blob.reader, blob.size),
         Err(e) => {
             // The follower fetches every file before a snapshot is served; a missing one
             // means the cache was tampered with.
@@ -214,18 +207,13 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     Some(value.strip_prefix("Bearer ")?.trim())
 }
 
-/// Compares without an early exit, so the time taken does not reveal a prefix.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// A machine's callback: kept on disk, then answered 202; the forwarder delivers it.
 async fn enroll(
     State(s): State<SiteHttp>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !bearer(&headers).is_some_and(|t| same_secret(t, &s.site_token)) {
+    if !bearer(&headers).is_some_and(|t| ctpf_common::same_secret(t, &s.site_token)) {
         tracing::warn!("callback with a missing or wrong site token refused");
         return text(StatusCode::FORBIDDEN, "unknown enrollment token");
     }

@@ -3,7 +3,7 @@
 //! own credential and serves only files of that worker's datacenter's current snapshot
 //! (`GET /v1/worker-files/DIGEST`). Either way the cache checks each file's SHA-256.
 
-use std::{fmt, sync::Arc};
+use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use ctpf_common::{Sha256Digest, WorkerToken};
@@ -42,10 +42,18 @@ impl fmt::Debug for ManagerOrigin {
     }
 }
 
+/// A manager that accepts no connection, or stops sending, must not stall the follower (it
+/// keeps serving the last snapshot and tries again with the next generation).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
 impl ManagerOrigin {
-    pub fn new(base_url: &str, token: WorkerToken) -> Self {
-        let base_url = base_url.trim_end_matches('/').to_owned();
-        Self { client: reqwest::Client::new(), base_url, token }
+    pub fn new(base_url: &str, token: WorkerToken) -> Result<Self, reqwest::Error> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()?;
+        Ok(Self { client, base_url: base_url.trim_end_matches('/').to_owned(), token })
     }
 }
 
