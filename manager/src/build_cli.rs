@@ -22,8 +22,9 @@ pub enum BuildCmd {
         /// A GRUB config file to embed instead.
         #[arg(long, conflicts_with = "chain_ipxe")]
         config: Option<PathBuf>,
-        /// Embed a config that loads iPXE from this ctpf (ipxe.efi, or ipxe.lkrn under BIOS).
-        /// Experimental: not yet seen to boot in QEMU with Debian's iPXE.
+        /// Embed a config that loads iPXE from this ctpf (ipxe.efi, or ipxe.lkrn under BIOS)
+        /// and has it chain ctpf's script. BIOS needs iPXE 1.21 or later; UEFI does not boot
+        /// yet (GRUB keeps the NIC).
         #[arg(long)]
         chain_ipxe: bool,
         #[command(flatten)]

@@ -64,9 +64,11 @@ struct GrubChainIpxe<'a> {
 }
 
 /// A config for a GRUB image that only loads iPXE from ctpf (`/ipxe.efi`,
-/// `/ipxe-arm64.efi`, or `/ipxe.lkrn` under BIOS), for sites whose scripts stay iPXE.
-/// Not yet proven to boot: in QEMU, Debian's iPXE (2019) loaded this way by GRUB 2.12
-/// stops at device initialisation under OVMF and after loading under SeaBIOS.
+/// `/ipxe-arm64.efi`, or `/ipxe.lkrn` under BIOS) and has it chain `/boot.ipxe`, for sites
+/// whose scripts stay iPXE. Proven under BIOS with iPXE 1.21.1 (2025): SeaBIOS, GRUB 2.12,
+/// `ipxe.lkrn`, callback (`tests/tests/pxe_qemu.rs`). Debian 12's iPXE (2019) stops after
+/// loading. Under UEFI it does not boot yet: GRUB's `efinet` has taken the NIC's SNP, so
+/// `snponly.efi` finds no network device and `ipxe.efi` hangs initialising devices.
 pub fn render_grub_chain_ipxe(base_url: &BaseUrl, arch: ScriptArch) -> Result<String, ScriptError> {
     let (bios, ipxe_file) = match arch {
         ScriptArch::X86_64Bios => (true, "ipxe.lkrn"),

@@ -53,6 +53,16 @@ pub fn raspi_trees() -> Result<(PathBuf, PathBuf)> {
     Ok((firmware, linux))
 }
 
+/// A TFTP root holding iPXE 1.21 (Debian 13's `ipxe` package, whose `ipxe.lkrn` runs its
+/// command line as a script), which `.ci/run` unpacks into the test cache (`ipxe-1.21`).
+pub fn modern_ipxe_root() -> Result<PathBuf> {
+    let root = target_dir()?.join("ctpf-test-cache/ipxe-1.21/usr/lib/ipxe");
+    if !root.join("ipxe.lkrn").is_file() {
+        bail!("no iPXE 1.21 in {}; .ci/run unpacks Debian 13's ipxe package there", root.display());
+    }
+    Ok(root)
+}
+
 /// The static discovery agent, built for musl by cargo (a no-op when it is current).
 pub fn discovery_agent() -> Result<PathBuf> {
     const TARGET: &str = "x86_64-unknown-linux-musl";

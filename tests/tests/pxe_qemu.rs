@@ -199,31 +199,62 @@ fn uefi_firmware_pxe_fetches_ipxe_over_tftp_then_boots_over_http() {
     site.wait_enrolled(&mut vm, &e1000);
 }
 
+/// The network's own DHCP server, a "home router": dnsmasq in a namespace of its own, joined
+/// to the bridge by a veth pair (so it and ctpf each own a port 67), handing out addresses
+/// from .160-.200 plus whatever `extra` options say. Its log is `dir/dnsmasq.log`.
+struct HomeRouter {
+    _netns: ctpf_e2e::Netns,
+    daemon: ctpf_e2e::Daemon,
+    log: std::path::PathBuf,
+}
+
+impl HomeRouter {
+    fn start(lan: &BootLan, dir: &std::path::Path, extra: &[String]) -> Self {
+        let router = ctpf_e2e::Netns::create("ctpf-router").unwrap();
+        let subnet = lan.subnet;
+        lan.netns
+            .ip(&[
+                "link",
+                "add",
+                "rlan",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "r0",
+                "netns",
+                router.name(),
+            ])
+            .unwrap();
+        lan.netns.ip(&["link", "set", "rlan", "master", "br0", "up"]).unwrap();
+        router.ip(&["addr", "add", &format!("10.78.{subnet}.254/24"), "dev", "r0"]).unwrap();
+        router.ip(&["link", "set", "r0", "up"]).unwrap();
+        let leases = dir.join("dnsmasq.leases");
+        let mut dnsmasq = router.command("dnsmasq");
+        dnsmasq
+            .args(["--keep-in-foreground", "--no-daemon", "--port=0", "--no-resolv", "--no-hosts"])
+            .args(["--interface=r0", "--bind-interfaces", "--dhcp-authoritative", "--log-dhcp"])
+            .arg(format!("--dhcp-range=10.78.{subnet}.160,10.78.{subnet}.200,255.255.255.0,10m"))
+            .arg(format!("--dhcp-leasefile={}", leases.display()))
+            .arg("--pid-file=")
+            .args(extra);
+        let log = dir.join("dnsmasq.log");
+        let mut daemon = router.spawn(&mut dnsmasq, &log).unwrap();
+        router.wait_listening("udp", 67, &mut daemon).unwrap();
+        Self { _netns: router, daemon, log }
+    }
+
+    fn log_tail(&self) -> String {
+        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 30)
+    }
+}
+
 #[test]
 fn proxy_dhcp_boots_beside_a_home_router_handing_out_addresses() {
     let lan = BootLan::create().unwrap();
-    // The "home router": dnsmasq with addresses only (no PXE options) in a namespace of its
-    // own, joined to the bridge by a veth pair, so it and ctpf each own a port 67.
-    let router = ctpf_e2e::Netns::create("ctpf-router").unwrap();
     let subnet = lan.subnet;
-    lan.netns
-        .ip(&["link", "add", "rlan", "type", "veth", "peer", "name", "r0", "netns", router.name()])
-        .unwrap();
-    lan.netns.ip(&["link", "set", "rlan", "master", "br0", "up"]).unwrap();
-    router.ip(&["addr", "add", &format!("10.78.{subnet}.254/24"), "dev", "r0"]).unwrap();
-    router.ip(&["link", "set", "r0", "up"]).unwrap();
     let site_dir = tempfile::tempdir().unwrap();
-    let leases = site_dir.path().join("dnsmasq.leases");
-    let mut dnsmasq = router.command("dnsmasq");
-    dnsmasq
-        .args(["--keep-in-foreground", "--no-daemon", "--port=0", "--no-resolv", "--no-hosts"])
-        .args(["--interface=r0", "--bind-interfaces", "--dhcp-authoritative", "--log-dhcp"])
-        .arg(format!("--dhcp-range=10.78.{subnet}.160,10.78.{subnet}.200,255.255.255.0,10m"))
-        .arg(format!("--dhcp-leasefile={}", leases.display()))
-        .arg("--pid-file=");
-    let dnsmasq_log = site_dir.path().join("dnsmasq.log");
-    let mut daemon = router.spawn(&mut dnsmasq, &dnsmasq_log).unwrap();
-    router.wait_listening("udp", 67, &mut daemon).unwrap();
+    let router = HomeRouter::start(&lan, site_dir.path(), &[]);
 
     let mut site = start_site(lan, &["--dhcp", "proxy"]);
     let machine = spec(Firmware::Uefi, "virtio-net-pci", false, 0x30);
@@ -236,12 +267,8 @@ fn proxy_dhcp_boots_beside_a_home_router_handing_out_addresses() {
             .and_then(|n| n.parse::<u8>().ok())
             .is_some_and(|n| (160..=200).contains(&n))
     });
-    assert!(
-        from_router,
-        "{addresses:?}; dnsmasq log:\n{}",
-        tail(&std::fs::read_to_string(&dnsmasq_log).unwrap_or_default(), 30)
-    );
-    drop(daemon);
+    assert!(from_router, "{addresses:?}; dnsmasq log:\n{}", router.log_tail());
+    drop(router.daemon);
 }
 
 /// `--pxe-loader grub`: ctpf builds GRUB images with its URL embedded and hands them out
@@ -272,4 +299,62 @@ fn grub_images_built_by_ctpf_boot_uefi_and_bios_machines_to_the_callback() {
     let mut vm = site.boot(&bios, "grub-bios");
     site.wait_enrolled(&mut vm, &bios);
     assert!(transferred(&site, "core.0"), "{}", tail(&site.up.log_text(), 30));
+}
+
+/// `ctpf build grub --chain-ipxe` for a site whose own DHCP and TFTP (dnsmasq here) hand out
+/// GRUB: the BIOS machine's PXE ROM loads ctpf's `core.0` from dnsmasq, GRUB loads iPXE 1.21
+/// (`ipxe.lkrn`) from ctpf over HTTP and starts it with `dhcp && chain BASE/boot.ipxe`, and
+/// iPXE goes on to the discovery image and the callback. ctpf itself answers no DHCP.
+#[test]
+fn a_grub_image_that_chains_ipxe_boots_a_bios_machine_from_the_sites_own_dhcp() {
+    let ipxe = ctpf_e2e::qemu::modern_ipxe_root().unwrap();
+    let lan = BootLan::create().unwrap();
+    let site = start_site(lan, &["--dhcp", "off", "--tftp-root", ipxe.to_str().unwrap()]);
+
+    // The image, built by ctpf for its own URL, goes where the site's TFTP server serves.
+    let out = String::from_utf8(site.cli(&[
+        "build",
+        "grub",
+        "--target",
+        "i386-pc-pxe",
+        "--chain-ipxe",
+        "--name",
+        "chain",
+    ]))
+    .unwrap();
+    assert!(out.contains("core.0") && out.contains("succeeded"), "{out}");
+    let tftp = tempfile::tempdir().unwrap();
+    // dnsmasq serves TFTP as nobody.
+    std::fs::set_permissions(tftp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .unwrap();
+    let image = tftp.path().join("core.0");
+    site.cli(&["artifacts", "pull", "chain-core.0", "-o", image.to_str().unwrap()]);
+    std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let router_options = [
+        "--enable-tftp".to_owned(),
+        format!("--tftp-root={}", tftp.path().display()),
+        "--dhcp-boot=core.0".to_owned(),
+    ];
+    let router = HomeRouter::start(&site.lan, site.dir.path(), &router_options);
+
+    let mut site = site;
+    let machine = spec(Firmware::Bios, "virtio-net-pci", true, 0x50);
+    let mut vm = site.boot(&machine, "grub-chain-ipxe");
+    let enrolled = vm.wait_for("host callback", BOOT_TIMEOUT, |vm| {
+        vm.serial_text().contains("ctpf-agent: enrolled host").then_some(())
+    });
+    if let Err(e) = enrolled {
+        panic!(
+            "{e}\nctpf log:\n{}\ndnsmasq log:\n{}",
+            tail(&site.up.log_text(), 40),
+            router.log_tail()
+        );
+    }
+    let serial = vm.serial_text();
+    // GRUB ran, then the iPXE it loaded (not the NIC's own ROM, which is older).
+    let grub = serial.find("ctpf: loading iPXE").expect("GRUB's line on the console");
+    assert!(serial[grub..].contains("iPXE 1.21"), "{}", vm.serial_tail(30));
+    let hosts = site.hosts_with_mac(&machine.mac);
+    assert_eq!(hosts.len(), 1, "{hosts:#?}");
+    drop(router.daemon);
 }
