@@ -595,21 +595,27 @@ impl Registry {
         Ok((lines, job))
     }
 
-    /// The job once it is final, or as it is when `deadline` passes: polled, starting fast
-    /// (a cache-hit build is done within milliseconds) and backing off to 50 ms.
+    /// The job once it is final, or as it is when `deadline` passes. It is read again after
+    /// each of this registry's commits (the job's final report is one, so a cache-hit build
+    /// is seen the moment it is recorded), and at least every 50 ms for commits made by
+    /// another process on the same store.
     pub async fn wait_until_final(
         &self,
         id: Uuid,
         deadline: tokio::time::Instant,
     ) -> Result<Job, RegistryError> {
-        let mut delay = std::time::Duration::from_millis(1);
+        let mut changes = self.changes();
         loop {
+            // Marked seen before the read, so a commit landing during it wakes the next wait.
+            changes.borrow_and_update();
             let job = self.job(id).await?;
-            if job.status.is_final() || tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if job.status.is_final() || now >= deadline {
                 return Ok(job);
             }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + delay)).await;
-            delay = (delay * 2).min(std::time::Duration::from_millis(50));
+            let wake = deadline.min(now + std::time::Duration::from_millis(50));
+            // The sender lives as long as this registry, so `changed` cannot fail here.
+            let _ = tokio::time::timeout_at(wake, changes.changed()).await;
         }
     }
 

@@ -93,3 +93,26 @@ async fn a_job_whose_workers_keep_dying_is_recorded_as_dead_lettered() {
     assert_eq!(job.status, JobStatus::DeadLettered, "{job:?}");
     assert!(job.error.unwrap().contains("delivered 2 times"));
 }
+
+#[tokio::test]
+async fn a_waiter_sees_the_final_report_and_gives_up_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = Arc::new(registry(&dir, Arc::new(MemoryBus::new(BusConfig::default()))));
+    let id = reg.submit_job(probe()).await.unwrap().id;
+
+    // A deadline already passed: the job as it is.
+    let now = tokio::time::Instant::now();
+    assert_eq!(reg.wait_until_final(id, now).await.unwrap().status, JobStatus::Queued);
+
+    // A waiter started before the report gets the final job, woken by the commit.
+    let waiter = tokio::spawn({
+        let reg = reg.clone();
+        async move { reg.wait_until_final(id, now + Duration::from_secs(60)).await }
+    });
+    tokio::task::yield_now().await;
+    let done =
+        EventBody::JobSucceeded { job_id: id, worker: "w1".into(), manifest: None, package: None };
+    reg.apply_report(report(done)).await.unwrap();
+    let job = waiter.await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Succeeded);
+}
