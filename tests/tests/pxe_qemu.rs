@@ -6,7 +6,7 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly by design.
 
-use std::time::Duration;
+use std::{fs::Permissions, os::unix::fs::PermissionsExt as _, time::Duration};
 
 use ctpf_e2e::{
     CtpfProcess, ctpf_cli_in,
@@ -202,9 +202,10 @@ fn uefi_firmware_pxe_fetches_ipxe_over_tftp_then_boots_over_http() {
 /// The network's own DHCP server, a "home router": dnsmasq in a namespace of its own, joined
 /// to the bridge by a veth pair (so it and ctpf each own a port 67), handing out addresses
 /// from .160-.200 plus whatever `extra` options say. Its log is `dir/dnsmasq.log`.
+/// Fields drop in order: dnsmasq is stopped before its namespace goes.
 struct HomeRouter {
+    _daemon: ctpf_e2e::Daemon,
     _netns: ctpf_e2e::Netns,
-    daemon: ctpf_e2e::Daemon,
     log: std::path::PathBuf,
 }
 
@@ -241,7 +242,7 @@ impl HomeRouter {
         let log = dir.join("dnsmasq.log");
         let mut daemon = router.spawn(&mut dnsmasq, &log).unwrap();
         router.wait_listening("udp", 67, &mut daemon).unwrap();
-        Self { _netns: router, daemon, log }
+        Self { _daemon: daemon, _netns: router, log }
     }
 
     fn log_tail(&self) -> String {
@@ -268,7 +269,7 @@ fn proxy_dhcp_boots_beside_a_home_router_handing_out_addresses() {
             .is_some_and(|n| (160..=200).contains(&n))
     });
     assert!(from_router, "{addresses:?}; dnsmasq log:\n{}", router.log_tail());
-    drop(router.daemon);
+    drop(router);
 }
 
 /// `--pxe-loader grub`: ctpf builds GRUB images with its URL embedded and hands them out
@@ -309,7 +310,7 @@ fn grub_images_built_by_ctpf_boot_uefi_and_bios_machines_to_the_callback() {
 fn a_grub_image_that_chains_ipxe_boots_a_bios_machine_from_the_sites_own_dhcp() {
     let ipxe = ctpf_e2e::qemu::modern_ipxe_root().unwrap();
     let lan = BootLan::create().unwrap();
-    let site = start_site(lan, &["--dhcp", "off", "--tftp-root", ipxe.to_str().unwrap()]);
+    let mut site = start_site(lan, &["--dhcp", "off", "--tftp-root", ipxe.to_str().unwrap()]);
 
     // The image, built by ctpf for its own URL, goes where the site's TFTP server serves.
     let out = String::from_utf8(site.cli(&[
@@ -325,11 +326,10 @@ fn a_grub_image_that_chains_ipxe_boots_a_bios_machine_from_the_sites_own_dhcp() 
     assert!(out.contains("core.0") && out.contains("succeeded"), "{out}");
     let tftp = tempfile::tempdir().unwrap();
     // dnsmasq serves TFTP as nobody.
-    std::fs::set_permissions(tftp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .unwrap();
+    std::fs::set_permissions(tftp.path(), Permissions::from_mode(0o755)).unwrap();
     let image = tftp.path().join("core.0");
     site.cli(&["artifacts", "pull", "chain-core.0", "-o", image.to_str().unwrap()]);
-    std::fs::set_permissions(&image, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&image, Permissions::from_mode(0o644)).unwrap();
     let router_options = [
         "--enable-tftp".to_owned(),
         format!("--tftp-root={}", tftp.path().display()),
@@ -337,7 +337,6 @@ fn a_grub_image_that_chains_ipxe_boots_a_bios_machine_from_the_sites_own_dhcp() 
     ];
     let router = HomeRouter::start(&site.lan, site.dir.path(), &router_options);
 
-    let mut site = site;
     let machine = spec(Firmware::Bios, "virtio-net-pci", true, 0x50);
     let mut vm = site.boot(&machine, "grub-chain-ipxe");
     let enrolled = vm.wait_for("host callback", BOOT_TIMEOUT, |vm| {
@@ -356,5 +355,5 @@ fn a_grub_image_that_chains_ipxe_boots_a_bios_machine_from_the_sites_own_dhcp() 
     assert!(serial[grub..].contains("iPXE 1.21"), "{}", vm.serial_tail(30));
     let hosts = site.hosts_with_mac(&machine.mac);
     assert_eq!(hosts.len(), 1, "{hosts:#?}");
-    drop(router.daemon);
+    drop(router);
 }
